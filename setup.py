@@ -44,14 +44,19 @@ class OptionalBuildExt(build_ext):
         try:
             super().run()
         except Exception as exc:  # no compiler at all
-            print(f"fedge: kernels not compiled ({exc}); using the NumPy reference path", file=sys.stderr)
+            print(
+                f"fedge: kernels not compiled ({exc}); using the NumPy reference path",
+                file=sys.stderr,
+            )
 
     def build_extension(self, ext) -> None:  # type: ignore[no-untyped-def]
         try:
             super().build_extension(ext)
         except Exception as exc:
-            print(f"fedge: could not compile {ext.name} ({exc}); using the NumPy reference path",
-                  file=sys.stderr)
+            print(
+                f"fedge: could not compile {ext.name} ({exc}); using the NumPy reference path",
+                file=sys.stderr,
+            )
 
 
 def kernel_extensions() -> list:  # type: ignore[type-arg]
@@ -71,6 +76,7 @@ def kernel_extensions() -> list:  # type: ignore[type-arg]
             f"kernels._{family}",
             [f"kernels/_{family}.pyx"],
             include_dirs=[np.get_include(), "kernels"],
+            depends=[f"kernels/_{family}_simd.h"],
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
             extra_compile_args=cflags,
         )

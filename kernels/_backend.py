@@ -4,17 +4,18 @@ This is the only module that imports the compiled extension modules. The rules:
 
 * ``KERNELS_PUREPYTHON=1`` forces the NumPy reference path (the test suite runs
   twice, once each way, so both paths stay correct).
-* Otherwise the Cython modules are used; when they are missing (no compiler at
-  install time, an unsupported platform) the reference path is used and a
-  warning is logged once.
+* Otherwise each compiled family (``_quantize``, ``_sparsify``) is used; a family
+  that is missing (no compiler at install time, an unsupported platform) falls
+  back to the reference path and a warning is logged once.
 
-``BACKEND`` is ``"cython"`` or ``"python"``; ``quantize_impl`` and ``sparsify_impl``
-are modules (compiled or ``kernels._reference``) exposing the same functions with
-the same signatures.
+``BACKEND`` is ``"cython"`` when every family is compiled, else ``"python"``;
+``quantize_impl`` and ``sparsify_impl`` are modules (compiled or
+``kernels._reference``) exposing the same functions with the same signatures.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from types import ModuleType
@@ -24,24 +25,28 @@ from kernels import _reference
 
 logger = logging.getLogger("kernels")
 
+FAMILIES: Final = ("quantize", "sparsify")
 
-def _load() -> tuple[str, ModuleType, ModuleType]:
+
+def _load(family: str) -> ModuleType | None:
     if os.environ.get("KERNELS_PUREPYTHON") == "1":
-        logger.info("KERNELS_PUREPYTHON=1: using the NumPy reference kernels")
-        return "python", _reference, _reference
+        return None
     try:
-        from kernels import _quantize, _sparsify  # type: ignore[attr-defined]
+        return importlib.import_module(f"kernels._{family}")
     except ImportError as exc:
         logger.warning(
-            "compiled kernels unavailable (%s); using the NumPy reference path. "
+            "compiled %s kernels unavailable (%s); using the NumPy reference path. "
             "Reinstall with a C compiler and Cython (pip install -e .) to compile them.",
+            family,
             exc,
         )
-        return "python", _reference, _reference
-    return "cython", _quantize, _sparsify
+        return None
 
 
-BACKEND: Final[str]
-quantize_impl: Final[ModuleType]
-sparsify_impl: Final[ModuleType]
-BACKEND, quantize_impl, sparsify_impl = _load()
+_compiled = {family: _load(family) for family in FAMILIES}
+if os.environ.get("KERNELS_PUREPYTHON") == "1":
+    logger.info("KERNELS_PUREPYTHON=1: using the NumPy reference kernels")
+
+quantize_impl: Final[ModuleType] = _compiled["quantize"] or _reference
+sparsify_impl: Final[ModuleType] = _compiled["sparsify"] or _reference
+BACKEND: Final[str] = "cython" if all(_compiled.values()) else "python"

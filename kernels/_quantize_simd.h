@@ -1,0 +1,420 @@
+/* Hot loops of the quantization kernels, written so GCC auto-vectorizes them.
+ *
+ * Owned by kernels/_quantize.pyx, which declares these functions with
+ * `cdef extern from "_quantize_simd.h"` and calls them without the GIL. The
+ * NumPy twins in kernels/_reference.py define the semantics; every float32
+ * operation here happens in the same order as there, so codes and float bits
+ * are identical (setup.py compiles with -O3 -ffp-contract=off, never
+ * -ffast-math, so GCC neither fuses nor reassociates float operations).
+ *
+ * Why the loops look the way they do:
+ * - With portable flags GCC vectorizes neither rintf() nor a float `a > m ? a : m`
+ *   reduction. So the block absmax is an integer max over the sign-cleared bit
+ *   patterns (order-preserving for finite floats; NaN/Inf have patterns above
+ *   0x7f7fffff, so the finiteness check comes free), and rounding uses the
+ *   add-and-subtract 1.5 * 2^23 trick, which is round-half-to-even (np.rint)
+ *   for |v| < 2^22; every quantized value here has |v| <= 256.
+ * - On x86-64 with GCC, the whole-array functions are compiled twice
+ *   (target_clones: AVX2 and the baseline) and picked at load time by the CPU,
+ *   so wheels stay portable (no -march flags). On ARMv8 NEON is baseline.
+ * - Functions that write assume finite input: the Cython layer checks the
+ *   whole input first (fq_max_absbits*), so a non-finite value leaves every
+ *   output and the error-feedback residual untouched.
+ */
+#ifndef FEDGE_QUANTIZE_SIMD_H
+#define FEDGE_QUANTIZE_SIMD_H
+
+#include <float.h>
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FQ_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define FQ_CLONES
+#endif
+
+#if defined(__GNUC__)
+#define FQ_INLINE static inline __attribute__((always_inline))
+#else
+#define FQ_INLINE static inline
+#endif
+
+#define FQ_ABS_MASK 0x7fffffffu
+#define FQ_MAX_FINITE_BITS 0x7f7fffffu /* bit pattern of FLT_MAX */
+#define FQ_MAGIC 12582912.0f           /* 1.5 * 2^23 */
+#define FQ_CHUNK 256                   /* codes staged on the stack per step */
+
+FQ_INLINE uint32_t fq_absbits(float f) {
+    uint32_t b;
+    memcpy(&b, &f, sizeof b);
+    return b & FQ_ABS_MASK;
+}
+
+FQ_INLINE float fq_from_bits(uint32_t b) {
+    float f;
+    memcpy(&f, &b, sizeof f);
+    return f;
+}
+
+FQ_INLINE int32_t fq_sbits(float f) {
+    int32_t b;
+    memcpy(&b, &f, sizeof b);
+    return b;
+}
+
+/* cond ? a : 0.0f as a bit mask, which GCC vectorizes (a float select it won't). */
+FQ_INLINE float fq_keep_if(int cond, float a) {
+    uint32_t b;
+    memcpy(&b, &a, sizeof b);
+    return fq_from_bits(b & (0u - (uint32_t)(cond != 0)));
+}
+
+/* ---- finiteness ---------------------------------------------------------- */
+
+/* Largest sign-cleared bit pattern of x; > FQ_MAX_FINITE_BITS means NaN/Inf. */
+FQ_CLONES static uint32_t fq_max_absbits(const float *x, size_t n) {
+    uint32_t m = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t b = fq_absbits(x[i]);
+        m = b > m ? b : m;
+    }
+    return m;
+}
+
+/* Same for the float32 sums a[i] + b[i] (error feedback checks residual + update). */
+FQ_CLONES static uint32_t fq_max_absbits_sum(const float *a, const float *b, size_t n) {
+    uint32_t m = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t s = fq_absbits(a[i] + b[i]);
+        m = s > m ? s : m;
+    }
+    return m;
+}
+
+static int64_t fq_first_nonfinite(const float *x, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if (fq_absbits(x[i]) > FQ_MAX_FINITE_BITS) return (int64_t)i;
+    return -1;
+}
+
+static int64_t fq_first_nonfinite_sum(const float *a, const float *b, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if (fq_absbits(a[i] + b[i]) > FQ_MAX_FINITE_BITS) return (int64_t)i;
+    return -1;
+}
+
+/* ---- affine uint8 -------------------------------------------------------- */
+
+/* Min and max of finite x (n > 0) via an order-preserving int32 key of the bits. */
+FQ_CLONES static void fq_minmax(const float *x, size_t n, float *lo, float *hi) {
+    int32_t kmin = INT32_MAX, kmax = INT32_MIN;
+    for (size_t i = 0; i < n; i++) {
+        int32_t b;
+        memcpy(&b, &x[i], sizeof b);
+        int32_t k = b ^ ((b >> 31) & 0x7fffffff); /* negative floats: reverse order */
+        kmin = k < kmin ? k : kmin;
+        kmax = k > kmax ? k : kmax;
+    }
+    kmin = kmin ^ ((kmin >> 31) & 0x7fffffff); /* the key map is its own inverse */
+    kmax = kmax ^ ((kmax >> 31) & 0x7fffffff);
+    *lo = fq_from_bits((uint32_t)kmin);
+    *hi = fq_from_bits((uint32_t)kmax);
+}
+
+/* code = clamp(rint(x * inv) + zero_point, 0, 255); rint via the bit pattern of
+ * v + 1.5 * 2^23 (see fq_codes_rint). */
+FQ_CLONES static void fq_affine_quantize(const float *x, size_t n, float inv, int32_t zp,
+                                         uint8_t *out) {
+    for (size_t i = 0; i < n; i++) {
+        float v = x[i] * inv;
+        int32_t q = fq_sbits(v + FQ_MAGIC) - 0x4B400000 + zp;
+        q = q < 255 ? q : 255;
+        q = q > 0 ? q : 0;
+        out[i] = (uint8_t)q;
+    }
+}
+
+FQ_CLONES static void fq_affine_dequantize(const uint8_t *codes, size_t n, float scale, float zp,
+                                           float *out) {
+    for (size_t i = 0; i < n; i++) out[i] = ((float)codes[i] - zp) * scale;
+}
+
+FQ_CLONES static void fq_affine_dequantize_acc(const uint8_t *codes, size_t n, float scale,
+                                               float zp, float weight, float *acc) {
+    for (size_t i = 0; i < n; i++) acc[i] = acc[i] + weight * (((float)codes[i] - zp) * scale);
+}
+
+/* ---- symmetric blocks ---------------------------------------------------- */
+
+#define FQ_GROUP 16        /* blocks whose scales are computed together */
+#define FQ_GROUP_ELEMS 4096 /* a group spans at most this many elements (16 KiB) if it can */
+
+FQ_INLINE int fq_qmax(int bits) { return bits == 8 ? 127 : (bits == 4 ? 7 : 1); }
+
+/* Scales and reciprocals of FQ_GROUP blocks from their absmax bit patterns. The
+ * divisions are independent, so they vectorize instead of stalling once per block.
+ * scale = max(absmax / qmax, FLT_MIN) keeps 1/scale finite; absmax 0 gives 0, 0. */
+FQ_INLINE void fq_group_scales(const uint32_t *absbits, float fq, float *scale, float *inv) {
+    for (int j = 0; j < FQ_GROUP; j++) {
+        float s = fq_from_bits(absbits[j]) / fq;
+        s = s < FLT_MIN ? FLT_MIN : s;
+        float iv = 1.0f / s;
+        int nonzero = absbits[j] != 0;
+        scale[j] = fq_keep_if(nonzero, s);
+        inv[j] = fq_keep_if(nonzero, iv);
+    }
+}
+
+/* splitmix64 output number (index + 1) of a generator seeded with `seed`,
+ * top 24 bits as a float in [0, 1): counter-based, so any slice is reproducible. */
+FQ_INLINE float fq_uniform(uint64_t seed, uint64_t index) {
+    uint64_t z = seed + (index + 1u) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z = z ^ (z >> 31);
+    return (float)(int32_t)(z >> 40) * (1.0f / 16777216.0f);
+}
+
+/* Codes of x[0:len], nearest-even: rint(x * inv), clamped to [-qmax, qmax].
+ * For |v| < 2^22, v + 1.5 * 2^23 lies in [2^23, 2^24), where the float spacing
+ * is 1, so its bit pattern is 0x4B400000 + rint(v): the integer comes out of the
+ * bits, with no float-to-int conversion, and is clamped as an integer. */
+FQ_INLINE void fq_codes_rint(const float *x, size_t len, float inv, int32_t qmax,
+                             int8_t *codes) {
+    for (size_t k = 0; k < len; k++) {
+        float v = x[k] * inv;
+        int32_t q = fq_sbits(v + FQ_MAGIC) - 0x4B400000;
+        q = q < qmax ? q : qmax;
+        q = q > -qmax ? q : -qmax;
+        codes[k] = (int8_t)q;
+    }
+}
+
+/* Stochastic: floor(v) + (u < v - floor(v)), so E[code] = v (unbiased). With
+ * -ftrapping-math (the default) GCC will not vectorize a float compare-and-select,
+ * so the comparisons are done on bit patterns (sign of r - v, which is exact;
+ * order of the non-negative floats u and frac) and the select is a bit mask. */
+FQ_INLINE void fq_codes_stochastic(const float *x, size_t len, float inv, float fq, uint64_t seed,
+                                   uint64_t base, int8_t *codes) {
+    for (size_t k = 0; k < len; k++) {
+        float v = x[k] * inv;
+        float r = (v + FQ_MAGIC) - FQ_MAGIC;
+        float f = r - fq_keep_if(fq_sbits(r - v) > 0, 1.0f); /* floor(v): r > v */
+        float frac = v - f;                                   /* in [0, 1), or -0.0 */
+        float u = fq_uniform(seed, base + k);
+        float q = f + fq_keep_if(fq_sbits(u) < fq_sbits(frac), 1.0f); /* u < frac */
+        q = q < fq ? q : fq;
+        q = q > -fq ? q : -fq;
+        codes[k] = (int8_t)(int32_t)q;
+    }
+}
+
+/* Pack len codes starting at an element index that is a multiple of 8/bits;
+ * a trailing partial byte gets zero padding codes. */
+FQ_INLINE void fq_pack(const int8_t *codes, size_t len, int bits, uint8_t *dst) {
+    if (bits == 4) {
+        size_t pairs = len / 2;
+        for (size_t j = 0; j < pairs; j++)
+            dst[j] = (uint8_t)((codes[2 * j] & 0x0f) | ((codes[2 * j + 1] & 0x0f) << 4));
+        if (len & 1) dst[pairs] = (uint8_t)(codes[len - 1] & 0x0f);
+    } else { /* bits == 2 */
+        size_t quads = len / 4;
+        for (size_t j = 0; j < quads; j++)
+            dst[j] = (uint8_t)((codes[4 * j] & 3) | ((codes[4 * j + 1] & 3) << 2) |
+                               ((codes[4 * j + 2] & 3) << 4) | ((codes[4 * j + 3] & 3) << 6));
+        size_t rest = len & 3;
+        if (rest) {
+            uint8_t b = 0;
+            for (size_t k = 0; k < rest; k++)
+                b |= (uint8_t)((codes[4 * quads + k] & 3) << (2 * k));
+            dst[quads] = b;
+        }
+    }
+}
+
+/* Absmax bit pattern of a block; with `update` set, first residual += update. */
+FQ_INLINE uint32_t fq_block_absbits(float *xw, const float *update, const float *x, size_t len) {
+    if (xw)
+        for (size_t k = 0; k < len; k++) xw[k] = xw[k] + update[k];
+    uint32_t m = 0;
+    for (size_t k = 0; k < len; k++) {
+        uint32_t b = fq_absbits(x[k]);
+        m = b > m ? b : m;
+    }
+    return m;
+}
+
+/* Codes of one block x[0:len] (global element index `start`) into packed storage;
+ * with xw set (error feedback, xw == x is the residual), then
+ * residual -= code * scale. */
+FQ_INLINE void fq_block_quantize(float *xw, const float *x, size_t len, size_t start, int bits,
+                                 int stochastic, uint64_t seed, float scale, float inv,
+                                 uint8_t *packed) {
+    const float fq = (float)fq_qmax(bits);
+    int8_t stage[FQ_CHUNK];
+    for (size_t off = 0; off < len; off += FQ_CHUNK) {
+        size_t m = len - off < FQ_CHUNK ? len - off : FQ_CHUNK;
+        int8_t *codes = bits == 8 ? (int8_t *)packed + start + off : stage;
+        if (stochastic)
+            fq_codes_stochastic(x + off, m, inv, fq, seed, (uint64_t)(start + off), codes);
+        else
+            fq_codes_rint(x + off, m, inv, fq_qmax(bits), codes);
+        if (bits != 8) fq_pack(codes, m, bits, packed + (start + off) * (size_t)bits / 8);
+        if (xw) {
+            float *r = xw + off;
+            for (size_t k = 0; k < m; k++) r[k] = r[k] - (float)codes[k] * scale;
+        }
+    }
+}
+
+/* The block loop shared by plain quantization (xw == NULL) and error feedback
+ * (xw == x == residual). Blocks go in groups of up to FQ_GROUP that fit in L1:
+ * absmax of each, then all their scales at once, then the codes. A block length
+ * of 64 (the default) is passed as a constant so GCC unrolls it completely. */
+FQ_INLINE void fq_blocks(float *xw, const float *update, const float *x, size_t n, int bits,
+                         size_t bs, int stochastic, uint64_t seed, uint8_t *packed,
+                         float *scales) {
+    const float fq = (float)fq_qmax(bits);
+    size_t nblocks = (n + bs - 1) / bs;
+    size_t gmax = bs >= FQ_GROUP_ELEMS / FQ_GROUP ? FQ_GROUP_ELEMS / bs : FQ_GROUP;
+    if (gmax == 0) gmax = 1;
+    for (size_t b0 = 0; b0 < nblocks; b0 += gmax) {
+        size_t g = nblocks - b0 < gmax ? nblocks - b0 : gmax;
+        uint32_t ab[FQ_GROUP] = {0};
+        float sc[FQ_GROUP], iv[FQ_GROUP];
+        for (size_t j = 0; j < g; j++) {
+            size_t start = (b0 + j) * bs;
+            size_t len = n - start < bs ? n - start : bs;
+            float *w = xw ? xw + start : NULL;
+            const float *u = update ? update + start : NULL;
+            ab[j] = len == 64 ? fq_block_absbits(w, u, x + start, 64)
+                              : fq_block_absbits(w, u, x + start, len);
+        }
+        fq_group_scales(ab, fq, sc, iv);
+        for (size_t j = 0; j < g; j++) {
+            size_t start = (b0 + j) * bs;
+            size_t len = n - start < bs ? n - start : bs;
+            float *w = xw ? xw + start : NULL;
+            scales[b0 + j] = sc[j];
+            if (len == 64)
+                fq_block_quantize(w, x + start, 64, start, bits, stochastic, seed, sc[j], iv[j],
+                                  packed);
+            else
+                fq_block_quantize(w, x + start, len, start, bits, stochastic, seed, sc[j], iv[j],
+                                  packed);
+        }
+    }
+}
+
+/* Whole array, finite input, n > 0, buffers sized by the caller. */
+FQ_CLONES static void fq_quantize_block(const float *x, size_t n, int bits, size_t block_size,
+                                        int stochastic, uint64_t seed, uint8_t *packed,
+                                        float *scales) {
+    if (bits == 8)
+        fq_blocks(NULL, NULL, x, n, 8, block_size, stochastic, seed, packed, scales);
+    else if (bits == 4)
+        fq_blocks(NULL, NULL, x, n, 4, block_size, stochastic, seed, packed, scales);
+    else
+        fq_blocks(NULL, NULL, x, n, 2, block_size, stochastic, seed, packed, scales);
+}
+
+/* Error feedback, one cache-resident pass per group of blocks:
+ * residual += update; codes = quantize(residual); residual -= dequantize(codes).
+ * The caller has checked that every residual + update is finite. */
+FQ_CLONES static void fq_quantize_block_feedback(const float *update, float *residual, size_t n,
+                                                 int bits, size_t block_size, int stochastic,
+                                                 uint64_t seed, uint8_t *packed, float *scales) {
+    if (bits == 8)
+        fq_blocks(residual, update, residual, n, 8, block_size, stochastic, seed, packed, scales);
+    else if (bits == 4)
+        fq_blocks(residual, update, residual, n, 4, block_size, stochastic, seed, packed, scales);
+    else
+        fq_blocks(residual, update, residual, n, 2, block_size, stochastic, seed, packed, scales);
+}
+
+/* Decode one block's codes into out[0:len] as code * scale, or, when acc is
+ * set, acc[k] = acc[k] + weight * (code * scale). */
+FQ_INLINE void fq_dequantize_one_block(const uint8_t *p, size_t len, int bits, float s,
+                                       float *out, int accumulate, float weight) {
+    if (bits == 8) {
+        const int8_t *c = (const int8_t *)p;
+        if (accumulate)
+            for (size_t k = 0; k < len; k++) out[k] = out[k] + weight * ((float)c[k] * s);
+        else
+            for (size_t k = 0; k < len; k++) out[k] = (float)c[k] * s;
+    } else if (bits == 4) {
+        size_t pairs = len / 2;
+        if (accumulate) {
+            for (size_t j = 0; j < pairs; j++) {
+                uint8_t v = p[j];
+                float lo = (float)((int8_t)(uint8_t)(v << 4) >> 4);
+                float hi = (float)((int8_t)v >> 4);
+                out[2 * j] = out[2 * j] + weight * (lo * s);
+                out[2 * j + 1] = out[2 * j + 1] + weight * (hi * s);
+            }
+        } else {
+            for (size_t j = 0; j < pairs; j++) {
+                uint8_t v = p[j];
+                out[2 * j] = (float)((int8_t)(uint8_t)(v << 4) >> 4) * s;
+                out[2 * j + 1] = (float)((int8_t)v >> 4) * s;
+            }
+        }
+        if (len & 1) {
+            float lo = (float)((int8_t)(uint8_t)(p[pairs] << 4) >> 4);
+            size_t k = len - 1;
+            out[k] = accumulate ? out[k] + weight * (lo * s) : lo * s;
+        }
+    } else { /* bits == 2 */
+        size_t quads = len / 4;
+        for (size_t j = 0; j < quads; j++) {
+            uint8_t v = p[j];
+            float c0 = (float)((int8_t)(uint8_t)(v << 6) >> 6);
+            float c1 = (float)((int8_t)(uint8_t)(v << 4) >> 6);
+            float c2 = (float)((int8_t)(uint8_t)(v << 2) >> 6);
+            float c3 = (float)((int8_t)v >> 6);
+            float *o = out + 4 * j;
+            if (accumulate) {
+                o[0] = o[0] + weight * (c0 * s);
+                o[1] = o[1] + weight * (c1 * s);
+                o[2] = o[2] + weight * (c2 * s);
+                o[3] = o[3] + weight * (c3 * s);
+            } else {
+                o[0] = c0 * s;
+                o[1] = c1 * s;
+                o[2] = c2 * s;
+                o[3] = c3 * s;
+            }
+        }
+        for (size_t k = 4 * quads; k < len; k++) {
+            int sh = (int)(2 * (k & 3));
+            float c = (float)((int8_t)(uint8_t)(p[quads] << (6 - sh)) >> 6);
+            out[k] = accumulate ? out[k] + weight * (c * s) : c * s;
+        }
+    }
+}
+
+FQ_CLONES static void fq_dequantize_block(const uint8_t *packed, const float *scales, size_t n,
+                                          int bits, size_t block_size, float *out) {
+    size_t b = 0;
+    for (size_t start = 0; start < n; start += block_size, b++) {
+        size_t len = n - start < block_size ? n - start : block_size;
+        fq_dequantize_one_block(packed + start * (size_t)bits / 8, len, bits, scales[b],
+                                out + start, 0, 0.0f);
+    }
+}
+
+FQ_CLONES static void fq_dequantize_block_acc(const uint8_t *packed, const float *scales,
+                                              size_t n, int bits, size_t block_size, float weight,
+                                              float *acc) {
+    size_t b = 0;
+    for (size_t start = 0; start < n; start += block_size, b++) {
+        size_t len = n - start < block_size ? n - start : block_size;
+        fq_dequantize_one_block(packed + start * (size_t)bits / 8, len, bits, scales[b],
+                                acc + start, 1, weight);
+    }
+}
+
+#endif /* FEDGE_QUANTIZE_SIMD_H */

@@ -1,0 +1,450 @@
+/* Hot loops of the sparsification kernels (kernels/_sparsify.pyx), in plain C.
+ *
+ * Rules of this file:
+ *  - Portable C99 only: no intrinsics, no target attributes. The loops are written
+ *    so that GCC/Clang at -O3 auto-vectorize them with the baseline SIMD of the
+ *    target (SSE2 on x86-64, NEON on aarch64), which is what a cross-built Pi
+ *    wheel gets. Never rely on -march=native.
+ *  - Nothing here allocates or touches Python; every function runs without the GIL.
+ *  - Magnitudes are compared as integer "keys": the float32 bit pattern with the
+ *    sign bit cleared. For finite values, key order == |x| order (and -0.0 == +0.0),
+ *    and key >= 0x7f800000 exactly when the value is NaN or +/-Inf. Reading the
+ *    float bits through a uint32_t pointer relies on -fno-strict-aliasing (set in
+ *    setup.py; MSVC does not exploit strict aliasing).
+ */
+#ifndef FEDGE_SPARSIFY_SIMD_H
+#define FEDGE_SPARSIFY_SIMD_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#define FE_ABS_MASK 0x7fffffffu
+#define FE_NONFINITE_KEY 0x7f800000u
+/* key + FE_FINITE_BIAS has its top bit set exactly when key >= 0x7f800000. */
+#define FE_FINITE_BIAS 0x00800000u
+#define FE_TOP_BIT 0x80000000u
+#define FE_BLOCK 16
+
+static inline uint32_t fe_key(float v)
+{
+    uint32_t b;
+    memcpy(&b, &v, sizeof b);
+    return b & FE_ABS_MASK;
+}
+
+/* Block primitives. With GCC/Clang they use generic vector extensions (4 x 32-bit,
+ * lowered to SSE2 on x86-64 and NEON on aarch64/armv7 without any -m flag); other
+ * compilers get the scalar loops, with the same results. An "any" word has its top
+ * bit set exactly when some key in the block is >= t (computed as (t - 1) - key,
+ * which wraps for t == 0 so that every key counts); a "bad" word has its top bit set
+ * when some key is NaN/Inf. */
+#if defined(__GNUC__) || defined(__clang__)
+#define FE_VECTOR 1
+typedef uint32_t fe_v4u __attribute__((vector_size(16)));
+typedef float fe_v4f __attribute__((vector_size(16)));
+typedef fe_v4u fe_acc;
+#define FE_ACC_ZERO {0u, 0u, 0u, 0u}
+
+static inline uint32_t fe_acc_or(fe_acc a)
+{
+    return a[0] | a[1] | a[2] | a[3];
+}
+
+/* keys of xb[0..FE_BLOCK): OR of (tm1 - key) returned, key + bias ORed into *bad. */
+static inline uint32_t fe_block_any_ge(const uint32_t *xb, uint32_t tm1, fe_acc *bad)
+{
+    fe_v4u any = FE_ACC_ZERO;
+    for (int j = 0; j < FE_BLOCK; j += 4) {
+        fe_v4u v;
+        memcpy(&v, xb + j, sizeof v);
+        v &= FE_ABS_MASK;
+        any |= tm1 - v;
+        *bad |= v + FE_FINITE_BIAS;
+    }
+    return fe_acc_or(any);
+}
+
+/* r[j] += u[j] over the block; returns the OR of (tm1 - key(r[j])) after the add. */
+static inline uint32_t fe_block_add_any_ge(float *r, const float *u, uint32_t tm1)
+{
+    fe_v4u any = FE_ACC_ZERO;
+    for (int j = 0; j < FE_BLOCK; j += 4) {
+        fe_v4f a, b;
+        fe_v4u v;
+        memcpy(&a, r + j, sizeof a);
+        memcpy(&b, u + j, sizeof b);
+        a = a + b;
+        memcpy(r + j, &a, sizeof a);
+        memcpy(&v, &a, sizeof v);
+        any |= tm1 - (v & FE_ABS_MASK);
+    }
+    return fe_acc_or(any);
+}
+
+/* ORs key(r[j] + u[j]) + bias over the block into *bad (read-only). */
+static inline void fe_block_sum_bad(const float *r, const float *u, fe_acc *bad)
+{
+    for (int j = 0; j < FE_BLOCK; j += 4) {
+        fe_v4f a, b;
+        fe_v4u v;
+        memcpy(&a, r + j, sizeof a);
+        memcpy(&b, u + j, sizeof b);
+        a = a + b;
+        memcpy(&v, &a, sizeof v);
+        *bad |= (v & FE_ABS_MASK) + FE_FINITE_BIAS;
+    }
+}
+#else
+typedef uint32_t fe_acc;
+#define FE_ACC_ZERO 0u
+
+static inline uint32_t fe_acc_or(fe_acc a)
+{
+    return a;
+}
+
+static inline uint32_t fe_block_any_ge(const uint32_t *xb, uint32_t tm1, fe_acc *bad)
+{
+    uint32_t any = 0;
+    for (int j = 0; j < FE_BLOCK; j++) {
+        uint32_t key = xb[j] & FE_ABS_MASK;
+        any |= tm1 - key;
+        *bad |= key + FE_FINITE_BIAS;
+    }
+    return any;
+}
+
+static inline uint32_t fe_block_add_any_ge(float *r, const float *u, uint32_t tm1)
+{
+    uint32_t any = 0;
+    for (int j = 0; j < FE_BLOCK; j++) {
+        float s = r[j] + u[j];
+        r[j] = s;
+        any |= tm1 - fe_key(s);
+    }
+    return any;
+}
+
+static inline void fe_block_sum_bad(const float *r, const float *u, fe_acc *bad)
+{
+    for (int j = 0; j < FE_BLOCK; j++) {
+        *bad |= fe_key(r[j] + u[j]) + FE_FINITE_BIAS;
+    }
+}
+#endif
+
+/* Non-zero when some element of x[0..n) is NaN or +/-Inf (vectorizes: add/or only). */
+static inline int fe_any_nonfinite(const uint32_t *xb, ptrdiff_t n)
+{
+    uint32_t bad = 0;
+    for (ptrdiff_t i = 0; i < n; i++) {
+        bad |= (xb[i] & FE_ABS_MASK) + FE_FINITE_BIAS;
+    }
+    return (bad & FE_TOP_BIT) != 0;
+}
+
+/* Non-zero when some r[i] + u[i] is NaN or +/-Inf (which covers non-finite r or u too). */
+static inline int fe_any_nonfinite_sum(const float *r, const float *u, ptrdiff_t n)
+{
+    fe_acc vbad = FE_ACC_ZERO;
+    uint32_t bad = 0;
+    ptrdiff_t i = 0;
+    for (; i + FE_BLOCK <= n; i += FE_BLOCK) {
+        fe_block_sum_bad(r + i, u + i, &vbad);
+    }
+    for (; i < n; i++) {
+        bad |= fe_key(r[i] + u[i]) + FE_FINITE_BIAS;
+    }
+    return ((bad | fe_acc_or(vbad)) & FE_TOP_BIT) != 0;
+}
+
+/* splitmix64 (Steele, Lea, Flood 2014): the m-th output (m >= 1) of the stream seeded
+ * with `seed`. Counter-based, so the NumPy twin computes the same sample positions. */
+static inline uint64_t fe_splitmix64(uint64_t seed, uint64_t m)
+{
+    uint64_t z = seed + m * UINT64_C(0x9E3779B97F4A7C15);
+    z = (z ^ (z >> 30)) * UINT64_C(0xBF58476D1CE4E5B9);
+    z = (z ^ (z >> 27)) * UINT64_C(0x94D049BB133111EB);
+    return z ^ (z >> 31);
+}
+
+/* Sample position m (0-based) in [0, n): the top 32 bits of the hash scaled by n. */
+static inline ptrdiff_t fe_sample_position(uint64_t seed, uint64_t m, uint64_t n)
+{
+    return (ptrdiff_t)(((fe_splitmix64(seed, m + 1) >> 32) * n) >> 32);
+}
+
+/* Walk a histogram from the top bin down until `k` elements are covered.
+ * Returns the bin holding the k-th largest; *k becomes its rank inside that bin. */
+static inline uint32_t fe_walk(const uint64_t *hist, uint32_t nbins, ptrdiff_t *k)
+{
+    uint64_t above = 0;
+    uint32_t b = nbins;
+    while (b > 0) {
+        b--;
+        if (above + hist[b] >= (uint64_t)*k) {
+            break;
+        }
+        above += hist[b];
+    }
+    *k -= (ptrdiff_t)above;
+    return b;
+}
+
+/* Exact radix select: the k-th largest key (1 <= k <= n) of xb[0..n) & FE_ABS_MASK,
+ * in three histogram passes (11 + 10 + 10 bits) over the input, no scratch buffer.
+ * *need_eq receives how many elements equal to the threshold belong to the top k
+ * (the rest of the top k are strictly greater). *nonfinite is set when some key is
+ * NaN/Inf (found in the first pass; the select then stops and returns 0). */
+static uint32_t fe_radix_kth(const uint32_t *xb, ptrdiff_t n, ptrdiff_t k, ptrdiff_t *need_eq,
+                             int *nonfinite)
+{
+    /* Four sub-histograms break the store-to-load dependency when consecutive
+     * elements fall into the same bin (the common case for Gaussian-like data).
+     * n < 2^32, so uint32_t counts cannot overflow. 32 KiB of stack. */
+    uint32_t h4[4][2048];
+    uint64_t hist[2048];
+    uint32_t mx = 0;
+    ptrdiff_t i = 0;
+    memset(h4, 0, sizeof h4);
+    for (; i + 4 <= n; i += 4) {
+        uint32_t k0 = xb[i] & FE_ABS_MASK, k1 = xb[i + 1] & FE_ABS_MASK;
+        uint32_t k2 = xb[i + 2] & FE_ABS_MASK, k3 = xb[i + 3] & FE_ABS_MASK;
+        h4[0][k0 >> 20]++;
+        h4[1][k1 >> 20]++;
+        h4[2][k2 >> 20]++;
+        h4[3][k3 >> 20]++;
+        mx |= (k0 + FE_FINITE_BIAS) | (k1 + FE_FINITE_BIAS) | (k2 + FE_FINITE_BIAS)
+              | (k3 + FE_FINITE_BIAS);
+    }
+    for (; i < n; i++) {
+        uint32_t k0 = xb[i] & FE_ABS_MASK;
+        h4[0][k0 >> 20]++;
+        mx |= k0 + FE_FINITE_BIAS;
+    }
+    *nonfinite = (mx & FE_TOP_BIT) != 0;
+    if (*nonfinite) {
+        *need_eq = 0;
+        return 0;
+    }
+    for (uint32_t b = 0; b < 2048; b++) {
+        hist[b] = (uint64_t)h4[0][b] + h4[1][b] + h4[2][b] + h4[3][b];
+    }
+    uint32_t b1 = fe_walk(hist, 2048, &k);
+
+    memset(hist, 0, 1024 * sizeof hist[0]);
+    for (i = 0; i < n; i++) {
+        uint32_t key = xb[i] & FE_ABS_MASK;
+        if ((key >> 20) == b1) {
+            hist[(key >> 10) & 1023u]++;
+        }
+    }
+    uint32_t b2 = fe_walk(hist, 1024, &k);
+    uint32_t prefix = (b1 << 10) | b2;
+
+    memset(hist, 0, 1024 * sizeof hist[0]);
+    for (i = 0; i < n; i++) {
+        uint32_t key = xb[i] & FE_ABS_MASK;
+        if ((key >> 10) == prefix) {
+            hist[key & 1023u]++;
+        }
+    }
+    uint32_t b3 = fe_walk(hist, 1024, &k);
+    *need_eq = k;
+    return (prefix << 10) | b3;
+}
+
+/* Write the indices (and values) of the top-k elements of x[0..n) given the
+ * threshold key t and need_eq from fe_radix_kth: every key > t, plus the first
+ * need_eq keys == t in index order. out_* hold exactly k entries. Returns k. */
+static ptrdiff_t fe_take_top(const float *x, ptrdiff_t n, uint32_t t, ptrdiff_t need_eq,
+                             ptrdiff_t k, uint32_t *out_i, float *out_v)
+{
+    const uint32_t *xb = (const uint32_t *)x;
+    const uint32_t tm1 = t - 1u; /* top bit of (tm1 - key) set <=> key >= t (wraps for t == 0) */
+    fe_acc unused = FE_ACC_ZERO;
+    ptrdiff_t c = 0, eq = 0, i = 0;
+    for (; i + FE_BLOCK <= n; i += FE_BLOCK) {
+        if (!(fe_block_any_ge(xb + i, tm1, &unused) & FE_TOP_BIT)) {
+            continue;
+        }
+        if (c + FE_BLOCK <= k) { /* room for branch-free stores */
+            for (int j = 0; j < FE_BLOCK; j++) {
+                uint32_t key = xb[i + j] & FE_ABS_MASK;
+                ptrdiff_t is_eq = key == t;
+                ptrdiff_t take = (key > t) | (is_eq & (eq < need_eq));
+                eq += is_eq;
+                out_i[c] = (uint32_t)(i + j);
+                out_v[c] = x[i + j];
+                c += take;
+            }
+        } else {
+            for (int j = 0; j < FE_BLOCK; j++) {
+                uint32_t key = xb[i + j] & FE_ABS_MASK;
+                if (key > t || (key == t && eq++ < need_eq)) {
+                    out_i[c] = (uint32_t)(i + j);
+                    out_v[c] = x[i + j];
+                    c++;
+                }
+            }
+        }
+    }
+    for (; i < n; i++) {
+        uint32_t key = xb[i] & FE_ABS_MASK;
+        if (key > t || (key == t && eq++ < need_eq)) {
+            out_i[c] = (uint32_t)i;
+            out_v[c] = x[i];
+            c++;
+        }
+    }
+    return c;
+}
+
+/* Streaming candidate pass: store every i with key(x[i]) >= t into cand[0..cap),
+ * and the float bits of x[i] into cbits (so trimming needs no gather from x).
+ * Returns the count, or -1 when more than cap candidates exist (the pass stops).
+ * *nonfinite is set when a NaN/Inf was seen in the part scanned. */
+static ptrdiff_t fe_select_ge(const float *x, ptrdiff_t n, uint32_t t, uint32_t *cand,
+                              uint32_t *cbits, ptrdiff_t cap, int *nonfinite)
+{
+    const uint32_t *xb = (const uint32_t *)x;
+    const uint32_t tm1 = t - 1u;
+    fe_acc vbad = FE_ACC_ZERO;
+    uint32_t bad = 0;
+    ptrdiff_t c = 0, i = 0;
+    for (; i + FE_BLOCK <= n; i += FE_BLOCK) {
+        if (!(fe_block_any_ge(xb + i, tm1, &vbad) & FE_TOP_BIT)) {
+            continue;
+        }
+        if (c + FE_BLOCK <= cap) { /* room for branch-free stores */
+            for (int j = 0; j < FE_BLOCK; j++) {
+                uint32_t b = xb[i + j];
+                cand[c] = (uint32_t)(i + j);
+                cbits[c] = b;
+                c += (b & FE_ABS_MASK) >= t;
+            }
+        } else {
+            for (int j = 0; j < FE_BLOCK; j++) {
+                if ((xb[i + j] & FE_ABS_MASK) >= t) {
+                    if (c == cap) {
+                        *nonfinite = ((bad | fe_acc_or(vbad)) & FE_TOP_BIT) != 0;
+                        return -1;
+                    }
+                    cand[c] = (uint32_t)(i + j);
+                    cbits[c++] = xb[i + j];
+                }
+            }
+        }
+    }
+    for (; i < n; i++) {
+        uint32_t key = xb[i] & FE_ABS_MASK;
+        bad |= key + FE_FINITE_BIAS;
+        if (key >= t) {
+            if (c == cap) {
+                *nonfinite = ((bad | fe_acc_or(vbad)) & FE_TOP_BIT) != 0;
+                return -1;
+            }
+            cand[c] = (uint32_t)i;
+            cbits[c++] = xb[i];
+        }
+    }
+    *nonfinite = ((bad | fe_acc_or(vbad)) & FE_TOP_BIT) != 0;
+    return c;
+}
+
+/* Fused error-feedback pass: r[i] += u[i] for every i, and store every i with
+ * key(r[i]) >= t (after the add) into cand[0..cap), its bits into cbits. Returns
+ * the count, or -1 when more than cap candidates exist (the add still runs to the
+ * end). The caller has checked beforehand that every r[i] + u[i] is finite. */
+static ptrdiff_t fe_add_select_ge(float *r, const float *u, ptrdiff_t n, uint32_t t, uint32_t *cand,
+                                  uint32_t *cbits, ptrdiff_t cap)
+{
+    const uint32_t *rb = (const uint32_t *)r;
+    const uint32_t tm1 = t - 1u;
+    ptrdiff_t c = 0, i = 0;
+    int overflow = 0;
+    for (; i + FE_BLOCK <= n; i += FE_BLOCK) {
+        uint32_t any = fe_block_add_any_ge(r + i, u + i, tm1);
+        if (!(any & FE_TOP_BIT) || overflow) {
+            continue;
+        }
+        if (c + FE_BLOCK <= cap) {
+            for (int j = 0; j < FE_BLOCK; j++) {
+                uint32_t b = rb[i + j];
+                cand[c] = (uint32_t)(i + j);
+                cbits[c] = b;
+                c += (b & FE_ABS_MASK) >= t;
+            }
+        } else {
+            for (int j = 0; j < FE_BLOCK && !overflow; j++) {
+                if ((rb[i + j] & FE_ABS_MASK) >= t) {
+                    if (c == cap) {
+                        overflow = 1;
+                    } else {
+                        cand[c] = (uint32_t)(i + j);
+                        cbits[c++] = rb[i + j];
+                    }
+                }
+            }
+        }
+    }
+    for (; i < n; i++) {
+        float s = r[i] + u[i];
+        r[i] = s;
+        if (!overflow && fe_key(s) >= t) {
+            if (c == cap) {
+                overflow = 1;
+            } else {
+                cand[c] = (uint32_t)i;
+                cbits[c++] = rb[i];
+            }
+        }
+    }
+    return overflow ? -1 : c;
+}
+
+/* Magnitude keys of the sample: keys[m] = key(x[pos(seed, m)]) for m < s. */
+static void fe_sample_keys(const float *x, ptrdiff_t n, uint64_t seed, ptrdiff_t s, uint32_t *keys)
+{
+    for (ptrdiff_t m = 0; m < s; m++) {
+        keys[m] = fe_key(x[fe_sample_position(seed, (uint64_t)m, (uint64_t)n)]);
+    }
+}
+
+/* Same, for the values the residual will hold after the add: key(r[j] + u[j]). */
+static void fe_sample_keys_sum(const float *r, const float *u, ptrdiff_t n, uint64_t seed, ptrdiff_t s,
+                               uint32_t *keys)
+{
+    for (ptrdiff_t m = 0; m < s; m++) {
+        ptrdiff_t j = fe_sample_position(seed, (uint64_t)m, (uint64_t)n);
+        keys[m] = fe_key(r[j] + u[j]);
+    }
+}
+
+/* Exact rule applied to ascending candidates with their float bits: keep keys > t
+ * and the first need_eq keys == t. Returns the number written (k). */
+static ptrdiff_t fe_take_candidates(const uint32_t *cand, const uint32_t *cbits, ptrdiff_t c,
+                                    uint32_t t, ptrdiff_t need_eq, uint32_t *out_i, float *out_v)
+{
+    ptrdiff_t w = 0, eq = 0;
+    for (ptrdiff_t j = 0; j < c; j++) {
+        uint32_t key = cbits[j] & FE_ABS_MASK;
+        if (key > t || (key == t && eq++ < need_eq)) {
+            out_i[w] = cand[j];
+            memcpy(&out_v[w], &cbits[j], sizeof out_v[w]);
+            w++;
+        }
+    }
+    return w;
+}
+
+/* Copy all candidates out. */
+static void fe_copy_candidates(const uint32_t *cand, const uint32_t *cbits, ptrdiff_t c,
+                               uint32_t *out_i, float *out_v)
+{
+    memcpy(out_i, cand, (size_t)c * sizeof *out_i);
+    memcpy(out_v, cbits, (size_t)c * sizeof *out_v);
+}
+
+#endif /* FEDGE_SPARSIFY_SIMD_H */

@@ -1,0 +1,75 @@
+"""Shared checks for codecs (our version of numcodecs' ``tests/common.py``).
+
+Golden payloads live in ``tests/fixtures/codecs/``: for each case a
+``<name>.bin`` payload, and ``cases.json`` with its config and expected decoded
+values. They must decode forever; a missing golden file FAILS (regenerate only
+deliberately, with ``python -m tests.regen_codec_fixtures``, and say why in the
+commit).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kernels.codec import UpdateCodec, get_codec
+
+FIXTURES = Path(__file__).parent / "fixtures" / "codecs"
+
+
+def check_roundtrip(codec: UpdateCodec, x: np.ndarray, atol: float | np.ndarray) -> np.ndarray:
+    """Encode and decode ``x`` via bytes, bytearray and memoryview; return the decoded vector."""
+    payload = codec.encode(x)
+    assert isinstance(payload, bytes)
+    assert len(payload) <= codec.max_nbytes(x.size)
+    results = []
+    for view in (payload, bytearray(payload), memoryview(payload)):
+        out = np.full(x.size, np.nan, dtype=np.float32)
+        got = codec.decode(view, out)
+        assert got is out
+        results.append(out)
+    for other in results[1:]:
+        np.testing.assert_array_equal(results[0], other)
+    assert np.isfinite(results[0]).all()
+    np.testing.assert_array_less(np.abs(results[0] - x), np.asarray(atol) + 1e-30)
+    return results[0]
+
+
+def check_config_json(codec: UpdateCodec) -> None:
+    """The config survives JSON and rebuilds an equal codec."""
+    config = codec.get_config()
+    again = get_codec(json.loads(json.dumps(config)))
+    assert again == codec
+    assert again.get_config() == config
+    assert type(again) is type(codec)
+
+
+def check_no_input_mutation(fn: Callable[..., Any], *args: np.ndarray) -> None:
+    """Calling ``fn(*args)`` leaves every array argument unchanged."""
+    before = [a.copy() for a in args]
+    fn(*args)
+    for a, b in zip(args, before, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def load_golden_cases() -> dict[str, Any]:
+    path = FIXTURES / "cases.json"
+    assert path.exists(), (
+        f"golden index {path} is missing: run python -m tests.regen_codec_fixtures"
+    )
+    cases: dict[str, Any] = json.loads(path.read_text())
+    return cases
+
+
+def check_golden(name: str, case: dict[str, Any]) -> None:
+    """Decode the committed payload ``name`` and compare with the committed values."""
+    path = FIXTURES / f"{name}.bin"
+    assert path.exists(), f"golden payload {path} is missing"
+    codec = get_codec(case["config"])
+    expected = np.asarray(case["decoded"], dtype=np.float32)
+    out = codec.decode(path.read_bytes(), np.empty(expected.size, dtype=np.float32))
+    np.testing.assert_array_equal(out, expected)
