@@ -1,0 +1,162 @@
+"""One worker process of ``fedge sim``: many simulated devices, each a real agent.
+
+Started by ``server_stub.sim`` as ``python -m edge.sim_worker SPEC.json``. Each
+device gets its own MQTT connection (with its Last Will), its own data file in
+the user data format, its own state directory and a heterogeneity profile that
+it plays through its telemetry (battery, charging, metered link, speed) and its
+behaviour (flaky link: the connection drops and comes back; offline spells: the
+agent stops, publishing an offline status, and starts again later). SIGTERM
+stops every agent cleanly (offline status, disconnect) and exits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge.agent import AgentHandle, AgentOptions, connect_agent_transport, start_agent_thread
+from edge.data import load_local_data
+from edge.eligibility import Limits
+from edge.mqtt_transport import MqttSettings
+from edge.state import AgentStore
+from edge.telemetry import DeviceProfile, SimulatedTelemetry
+from edge.training import ModelSpec, NumpyTrainer, Trainer
+from edge.wire import NetKind
+
+log = logging.getLogger("fedge.sim.worker")
+
+
+def device_profile(p: dict[str, Any], now: float) -> DeviceProfile:
+    """Turn the simulator's JSON profile into the agent's :class:`DeviceProfile`."""
+    battery = p.get("battery")
+    kwargs: dict[str, Any] = {
+        "speed_factor": 1.0 / float(p.get("speed_factor", 1.0)),
+        "metered": bool(p.get("metered", False)),
+        "net_kind": NetKind(p.get("net_kind", "ethernet")),
+        "epoch": now,
+    }
+    if battery is None:
+        kwargs.update(battery_percent=None, always_charging=False)
+    else:
+        period = float(battery["charging_period_s"])
+        kwargs.update(
+            battery_percent=float(battery["percent"]),
+            drain_train_pct_per_h=float(battery["drain_per_s"]) * 3600,
+            drain_idle_pct_per_h=float(battery["drain_per_s"]) * 360,
+            charge_pct_per_h=float(battery["charge_per_s"]) * 3600,
+            charge_period_s=period,
+            charging_windows=((0.0, period * float(battery["charging_duty"])),),
+        )
+    return DeviceProfile(**kwargs)
+
+
+class SimDevice:
+    """One simulated device: its agent thread, transport and chaos schedule."""
+
+    def __init__(self, spec: dict[str, Any], device: dict[str, Any], rng: np.random.Generator
+                 ) -> None:
+        self.spec = spec
+        self.device = device
+        self.cid: str = device["cid"]
+        self.profile: dict[str, Any] = device["profile"]
+        self.rng = rng
+        now = time.time()
+        self.telemetry = SimulatedTelemetry(device_profile(self.profile, now), now)
+        self.dataset = load_local_data(Path(device["data"]),
+                                       num_classes=int(spec["model"]["num_classes"]),
+                                       input_dim=int(spec["model"]["input_dim"]))
+        self.store = AgentStore(device["state_dir"], fsync=False)
+        self.handle: AgentHandle | None = None
+        self.transport: Any = None
+        self.next_flake = self._after(self.profile.get("flaky_every_s"))
+        self.offline_until: float | None = None
+
+    def _after(self, every: float | None) -> float | None:
+        return None if not every else time.monotonic() + float(self.rng.exponential(every))
+
+    def _trainer(self) -> Trainer:
+        m = self.spec["model"]
+        if self.spec["trainer"] == "litert":
+            from edge.litert_training import LiteRTTrainer
+
+            return LiteRTTrainer.from_file(m["tflite"])
+        spec = ModelSpec(kind=m["kind"], input_dim=int(m["input_dim"]),
+                         num_classes=int(m["num_classes"]), hidden=tuple(m["hidden"]))
+        return NumpyTrainer(spec)
+
+    def start(self) -> None:
+        settings = MqttSettings.from_url(self.spec["broker"], client_id=self.cid)
+        self.transport, relay = connect_agent_transport(settings, self.spec["fleet"], self.cid)
+        options = AgentOptions(
+            fleet=self.spec["fleet"], cid=self.cid, limits=Limits(),
+            heartbeat_s=float(self.spec["heartbeat_s"]), trainer_name=self.spec["trainer"],
+            poll_s=0.5,
+        )
+        self.handle = start_agent_thread(
+            self.transport, options, trainer=self._trainer(), dataset=self.dataset,
+            telemetry=self.telemetry, store=self.store,
+            rng=np.random.default_rng(self.rng.integers(2**63)), relay=relay,
+        )
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.handle is not None:
+            self.handle.request_stop()
+            self.handle.join(timeout)
+            self.handle = None
+
+    def chaos(self, now: float) -> None:
+        """Play the flaky link and the offline spells of the profile."""
+        if self.offline_until is not None:
+            if now >= self.offline_until:
+                self.offline_until = None
+                self.start()
+            return
+        if self.next_flake is not None and now >= self.next_flake and self.transport is not None:
+            self.transport.simulate_connection_loss()
+            self.next_flake = self._after(self.profile.get("flaky_every_s"))
+        prob = float(self.profile.get("offline_prob", 0.0))
+        if prob and self.rng.random() < prob / 60.0:  # about `prob` spells per minute
+            self.stop()
+            self.offline_until = now + float(self.rng.uniform(5, 20))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m edge.sim_worker SPEC.json", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: "
+                        "%(message)s")
+    spec = json.loads(Path(argv[0]).read_text())
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    rng = np.random.default_rng(int(spec["seed"]))
+    devices = [SimDevice(spec, d, np.random.default_rng(rng.integers(2**63)))
+               for d in spec["devices"]]
+    for dev in devices:
+        dev.start()
+    while not stop.wait(1.0):
+        now = time.monotonic()
+        for dev in devices:
+            dev.chaos(now)
+    # Tell every agent first, then wait: stopping them one by one would take N timeouts.
+    for dev in devices:
+        if dev.handle is not None:
+            dev.handle.request_stop()
+    for dev in devices:
+        if dev.handle is not None:
+            dev.handle.join(10.0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,630 @@
+"""The coordinator service: one loop that drains the transport and executes round commands.
+
+This module owns :class:`Coordinator`, the only place where the pure pieces (registry,
+round machine, validator, strategy) meet I/O (transport, store, clock). Rules:
+
+- One thread runs :meth:`Coordinator.run`; it alone touches every object here.
+- A message is handled completely before the next is read: status → registry (→ drop a
+  device that said it will not report); update chunks → reassembler → envelope and
+  signature → task checks (round machine) → content checks (validator, scratch vector) →
+  strategy ``accept``. Nothing rejected touches the model; every rejection is counted.
+- A new model version is checkpointed (SQLite, one transaction) **before** it is published
+  (retained manifest + chunks; the previous version's retained chunks are cleared).
+- ``bytes_down`` of a round = bytes of every task published for it + the model envelope's
+  chunk bytes (and manifest) once for each selected device whose last task named another
+  model version (a device fetches each version once; see docs/COORDINATOR.md).
+  ``bytes_up`` = update chunk bytes received while the round was open, rejected ones included.
+- SCAFFOLD: the server control variate ``c`` rides in the global model envelope as the flat
+  tensor ``aux/scaffold_c``; devices send Δc_i as ``aux/scaffold``; tasks carry
+  ``strategy = {"id": "scaffold", "control_variate": "aux/scaffold_c", "control_delta":
+  "aux/scaffold"}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edge.chunking import Reassembler, new_transfer_id, split
+from edge.modelio import F32, ModelLayout, pack_model, unpack_model
+from edge.transport import Message, Transport, TransportClosed, TransportError
+from edge.wire import (
+    GlobalModel,
+    JSONValue,
+    ModelManifest,
+    Status,
+    Topics,
+    TopicKind,
+    TrainParams,
+    TrainTask,
+    WireError,
+)
+from server_stub.config import CoordinatorConfig, _strategy_params
+from server_stub.metrics import CoordinatorMetrics
+from server_stub.registry import Registry
+from server_stub.rounds import (
+    AbandonRound,
+    Aggregate,
+    AggregationDone,
+    AggregationFailed,
+    Command,
+    DeviceUnavailable,
+    DropDevice,
+    Event,
+    FoldUpdate,
+    RejectUpdate,
+    RoundMachine,
+    RoundState,
+    SendTask,
+    StartRound,
+    Tick,
+    UpdateFolded,
+    UpdateInvalid,
+    UpdateReceived,
+    WaitForDevices,
+)
+from server_stub.selection import make_selector
+from server_stub.store import Store
+from server_stub.strategies import AcceptedUpdate, Scaffold, Strategy, make_strategy
+from server_stub.validation import (
+    SCAFFOLD_C_AUX,
+    SCAFFOLD_DELTA_AUX,
+    Decoded,
+    Rejected,
+    RejectCode,
+    UpdateValidator,
+)
+
+logger = logging.getLogger(__name__)
+
+Evaluate = Callable[[dict[str, F32]], Mapping[str, float]]
+"""Model evaluation injected by the composition root: weights → at least accuracy and loss."""
+OnRound = Callable[[dict[str, Any]], None]
+
+
+@dataclass(slots=True)
+class _RoundIO:
+    """Per-round counters the machine does not keep."""
+
+    started_at: float = 0.0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    accepted: list[tuple[str, str]] = field(default_factory=list)
+    examples: int = 0
+    waiting_logged: bool = False
+
+
+class Coordinator:
+    """The coordinator service.
+
+    Parameters
+    ----------
+    config
+        Validated configuration (:func:`server_stub.config.load_config`).
+    transport
+        Connected transport (``MqttTransport`` or ``InMemoryTransport``); the coordinator
+        subscribes itself and closes it in :meth:`close`.
+    store
+        State database; the coordinator resumes from its last checkpoint.
+    layout, initial_weights
+        The model; ``initial_weights`` is used only when the store holds no checkpoint.
+    evaluate
+        Optional held-out evaluation of a new model (returns ``accuracy`` and ``loss``).
+    on_round
+        Called with each round's record (see :meth:`_record`) after it is stored.
+    clock
+        Wall clock in seconds (task deadlines travel as Unix time); injectable for tests.
+    rng
+        Randomness of selection, task ids and nonces; default seeded from ``config.seed``.
+    """
+
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        transport: Transport,
+        store: Store,
+        *,
+        layout: ModelLayout,
+        initial_weights: Mapping[str, np.ndarray],
+        evaluate: Evaluate | None = None,
+        on_round: OnRound | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: np.random.Generator | None = None,
+        metrics: CoordinatorMetrics | None = None,
+    ) -> None:
+        self.config = config
+        self.transport = transport
+        self.store = store
+        self.layout = layout
+        self.evaluate = evaluate
+        self.on_round = on_round
+        self.clock = clock
+        self.topics = Topics(config.fleet)
+        self.strategy: Strategy = make_strategy(config.strategy, _strategy_params(config))
+        self.scaffold = isinstance(self.strategy, Scaffold)
+        self.selector = make_selector(config.selection, dict(config.selection_params))
+        self.registry = Registry(config.eligibility)
+        self.metrics = metrics if metrics is not None else CoordinatorMetrics(
+            port=config.metrics_port
+        )
+        keys = config.hmac_keys()
+        self.validator = UpdateValidator(
+            layout,
+            keys=(lambda cid: keys.get(cid or "")) if keys else None,
+            require_signature=config.validation.require_signature,
+            max_update_norm=config.validation.max_update_norm,
+            max_envelope_size=int(config.validation.max_envelope_mb * 1024 * 1024),
+            aux={SCAFFOLD_DELTA_AUX: layout.size} if self.scaffold else None,
+        )
+        max_env = int(config.validation.max_envelope_mb * 1024 * 1024)
+        self.reassembler = Reassembler(
+            max_bytes=max(4 * max_env, 256 * 1024 * 1024),
+            timeout_s=max(30.0, config.rounds.deadline_s),
+            max_bytes_per_source=max_env,
+        )
+        self._io = _RoundIO()
+        self._device_version: dict[str, int] = {}
+        self._published: tuple[int, int] | None = None
+        self._model_bytes = 0
+        self._last_eval: Mapping[str, float] = {}
+        self._closed = False
+        self.rounds_finished = 0
+        self.last_record: dict[str, Any] | None = None
+
+        self.model, self.model_version, round_no = self._resume(initial_weights)
+        self._envelope = self._pack(self.model, self.model_version, round_no - 1)
+        seed = config.seed
+        self.machine = RoundMachine(
+            config.rounds,
+            self.selector,
+            rng if rng is not None else np.random.default_rng(seed),
+            round_no=round_no,
+            model_version=self.model_version,
+            accepted_task_ids=store.accepted_task_ids(),
+        )
+        self._restore_cmds: list[Command] = []
+        snap = store.open_round()
+        if snap is not None and config.rounds.mode == "sync":
+            self._restore_cmds = self.machine.restore(snap)
+            if self._restore_cmds:
+                logger.info("resuming open round %d from the store", round_no)
+        self._started = False
+
+    # -- startup -----------------------------------------------------------------------------
+
+    def _resume(self, initial: Mapping[str, np.ndarray]) -> tuple[F32, int, int]:
+        stored = self.store.latest_model()
+        if stored is None:
+            weights = {k: np.asarray(v, dtype=np.float32) for k, v in initial.items()}
+            flat = self.layout.flatten(weights)
+            envelope = self._pack(flat, 0, 0)
+            self.store.checkpoint(
+                version=0, round_no=0, envelope=envelope, state={}, record=None, accepted=()
+            )
+            logger.info("fresh start: model version 0 (%d parameters)", self.layout.size)
+            return flat, 0, 1
+        model = GlobalModel.from_bytes(stored.envelope)
+        weights = unpack_model(model)
+        flat = self.layout.flatten({n: weights[n] for n in self.layout.names})
+        if stored.state:
+            self.strategy.load_state_dict(stored.state)
+        round_no = max(self.store.last_round_no(), stored.round_no) + 1
+        logger.info(
+            "resumed from checkpoint: model version %d, next round %d", stored.version, round_no
+        )
+        return flat, stored.version, round_no
+
+    def _pack(self, flat: F32, version: int, round_no: int) -> bytes:
+        weights: dict[str, np.ndarray] = dict(self.layout.unflatten(flat))
+        if self.scaffold:
+            c = self.strategy.state_dict().get("c")
+            weights[SCAFFOLD_C_AUX] = (
+                np.zeros(self.layout.size, np.float32) if c is None else c
+            )
+        metrics = {k: float(v) for k, v in self._last_eval.items() if math.isfinite(v)}
+        return pack_model(
+            weights, model_version=version, round_no=max(0, round_no), metrics=metrics
+        ).to_bytes()
+
+    def start(self) -> None:
+        """Subscribe and (re)publish the current model. Called by :meth:`run`."""
+        if self._started:
+            return
+        self._started = True
+        self.transport.subscribe(self.topics.all_status())
+        self.transport.subscribe(self.topics.all_updates())
+        meta = self.store.get_meta("published")
+        if meta:
+            v, n = (int(x) for x in meta.split(":"))
+            self._published = (v, n)
+        self._publish_model(self._envelope, self.model_version)
+
+    # -- main loop ---------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event, max_rounds: int | None = None) -> None:
+        """Serve until ``stop`` is set or ``max_rounds`` rounds finished; then :meth:`close`."""
+        limit = max_rounds if max_rounds is not None else self.config.rounds_total
+        try:
+            self.start()
+            begin = self.clock()
+            next_tick = begin
+            for cmd in self._restore_cmds:
+                self._execute([cmd], begin)
+            self._restore_cmds = []
+            while not stop.is_set():
+                if limit is not None and self.rounds_finished >= limit:
+                    break
+                now = self.clock()
+                try:
+                    msg = self.transport.receive(max(0.0, min(self.config.tick_s, next_tick - now)))
+                except TransportClosed:
+                    break
+                now = self.clock()
+                if msg is not None:
+                    self.handle_message(msg, now)
+                if now >= next_tick:
+                    next_tick = now + self.config.tick_s
+                    if now - begin >= self.config.startup_grace_s:
+                        self.tick(now)
+        finally:
+            self.close()
+
+    def tick(self, now: float) -> None:
+        """Deadlines, replacements and the start of the next round."""
+        eligible = self.registry.eligible(now)
+        self.metrics.fleet(online=len(self.registry.online(now)), eligible=len(eligible))
+        if self.scaffold:
+            assert isinstance(self.strategy, Scaffold)
+            self.strategy.set_num_clients(max(1, len(self.registry)))
+        self._feed(Tick(now, tuple(eligible)), now)
+
+    def handle_message(self, msg: Message, now: float) -> None:
+        """Handle one received message (status or update chunk)."""
+        try:
+            kind, cid = self.topics.parse(msg.topic)
+        except WireError:
+            logger.debug("ignoring message on %s", msg.topic)
+            return
+        if cid is None:
+            return
+        if kind is TopicKind.STATUS:
+            self._on_status(cid, msg.payload, now)
+        elif kind is TopicKind.UPDATE:
+            self._on_update_chunk(cid, msg.payload, now)
+
+    def close(self) -> None:
+        """Stop the metrics server and close the transport (idempotent; the store stays open)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.metrics.close()
+        try:
+            self.transport.close()
+        except TransportError:  # pragma: no cover - closing a broken connection
+            logger.debug("transport close failed", exc_info=True)
+
+    # -- inputs ------------------------------------------------------------------------------
+
+    def _on_status(self, cid: str, payload: bytes, now: float) -> None:
+        if not payload:  # retained status cleared
+            self.registry.forget(cid)
+            return
+        try:
+            status = Status.from_bytes(payload)
+        except WireError as exc:
+            logger.warning("bad status from %s: %s", cid, exc)
+            return
+        change = self.registry.observe(cid, status, now)
+        event: DeviceUnavailable | None = None
+        if change.declined_task is not None:
+            event = DeviceUnavailable(
+                cid, f"declined:{change.decline_reason}", now, declined=True,
+                task_id=change.declined_task,
+            )
+        elif not change.online:
+            event = DeviceUnavailable(cid, "offline", now)
+        elif change.ineligible is not None:
+            event = DeviceUnavailable(cid, change.ineligible.value, now)
+        if event is not None and cid in self.machine.outstanding:
+            self._feed(event, now)
+            if self.machine.state is RoundState.COLLECTING:
+                self.tick(now)  # replace the device at once
+
+    def _on_update_chunk(self, cid: str, chunk: bytes, now: float) -> None:
+        self._io.bytes_up += len(chunk)
+        self.metrics.add_bytes(inbound=len(chunk))
+        try:
+            data = self.reassembler.feed(cid, chunk, now)
+        except WireError as exc:
+            self._reject_outside(RejectCode.BAD_CHUNK, cid, str(exc), now)
+            return
+        if data is None:
+            return
+        parsed = self.validator.parse(data, cid)
+        if isinstance(parsed, Rejected):
+            self._reject_outside(parsed.reason, cid, parsed.detail, now)
+            return
+        self._feed(
+            UpdateReceived(
+                cid, parsed.task_id, parsed.round_no, parsed.model_version, parsed.nonce, now
+            ),
+            now,
+            update=parsed,
+        )
+
+    def _reject_outside(self, reason: str, cid: str, detail: str, now: float) -> None:
+        logger.info("rejected update from %s: %s (%s)", cid, reason, detail)
+        self.metrics.reject(str(reason))
+        self._feed(UpdateInvalid(str(reason), cid=cid), now)
+
+    # -- command execution -------------------------------------------------------------------
+
+    def _feed(self, event: Event, now: float, update: Any = None) -> None:
+        self._execute(self.machine.handle(event), now, update)
+
+    def _execute(self, commands: list[Command], now: float, update: Any = None) -> None:
+        sent = False
+        for cmd in commands:
+            if isinstance(cmd, StartRound):
+                self._start_round(cmd, now)
+            elif isinstance(cmd, SendTask):
+                self._send_task(cmd)
+                sent = True
+            elif isinstance(cmd, FoldUpdate):
+                self._fold(cmd, update, now)
+            elif isinstance(cmd, RejectUpdate):
+                logger.info("rejected update %s from %s: %s", cmd.task_id, cmd.cid, cmd.reason)
+                self.metrics.reject(cmd.reason)
+            elif isinstance(cmd, DropDevice):
+                self._drop(cmd)
+            elif isinstance(cmd, Aggregate):
+                self._aggregate(cmd, now)
+            elif isinstance(cmd, AbandonRound):
+                self._abandon(cmd, now)
+            elif isinstance(cmd, WaitForDevices):
+                if not self._io.waiting_logged:
+                    logger.info(
+                        "round %d: %d eligible device(s), %d needed; waiting",
+                        cmd.round_no, cmd.eligible, cmd.needed,
+                    )
+                    self._io.waiting_logged = True
+        if sent:
+            self.store.save_open_round(self.machine.round_no, self.machine.snapshot())
+
+    def _start_round(self, cmd: StartRound, now: float) -> None:
+        self._io = _RoundIO(started_at=now)
+        self.strategy.begin_round(self.model, round_no=cmd.round_no)
+        logger.info(
+            "round %d started on model version %d", cmd.round_no, cmd.model_version
+        )
+
+    def _send_task(self, cmd: SendTask) -> None:
+        t = cmd.task
+        config = self.strategy.configure_round(t.round_no, [t.cid])
+        params = config.train[t.cid]
+        extra = {k: float(v) for k, v in params.extra.items() if isinstance(v, int | float)}
+        if t.max_steps is not None:
+            extra["max_steps"] = float(t.max_steps)
+        strategy: dict[str, JSONValue] | None = {"id": self.strategy.strategy_id}
+        if self.scaffold:
+            strategy = {
+                "id": "scaffold",
+                "control_variate": SCAFFOLD_C_AUX,
+                "control_delta": SCAFFOLD_DELTA_AUX,
+            }
+        task = TrainTask(
+            task_id=t.task_id,
+            round_no=t.round_no,
+            model_version=t.model_version,
+            deadline_ts=t.deadline,
+            train=TrainParams(params.epochs, params.batch_size, params.lr, params.prox_mu, extra),
+            uplink_codec=self.config.uplink.codec,
+            nonce=t.nonce,
+            error_feedback=self.config.uplink.error_feedback,
+            strategy=strategy,
+        )
+        payload = task.to_bytes()
+        try:
+            self.transport.publish(self.topics.task(t.cid), payload, qos=1)
+        except TransportError as exc:
+            logger.warning("could not send task %s to %s: %s", t.task_id, t.cid, exc)
+        out = len(payload)
+        if self._device_version.get(t.cid) != t.model_version:
+            out += self._model_bytes
+            self._device_version[t.cid] = t.model_version
+        self._io.bytes_down += out
+        self.metrics.add_bytes(outbound=len(payload))
+        self.registry.record_selected(t.cid, t.round_no)
+
+    def _fold(self, cmd: FoldUpdate, update: Any, now: float) -> None:
+        view = self.registry.get(cmd.cid)
+        decoded = self.validator.decode(
+            update, max_examples=None if view is None else view.num_examples or None
+        )
+        if isinstance(decoded, Rejected):
+            logger.info("rejected update %s from %s: %s (%s)", cmd.task_id, cmd.cid,
+                        decoded.reason, decoded.detail)
+            self.metrics.reject(decoded.reason.value)
+            self._feed(UpdateInvalid(decoded.reason.value, cmd.cid, cmd.task_id), now)
+            return
+        verdict = self.strategy.accept(self._accepted(decoded, cmd))
+        if not verdict.accepted:
+            reason = "strategy_" + (verdict.reason.value if verdict.reason else "rejected")
+            self.metrics.reject(reason)
+            self._feed(UpdateInvalid(reason, cmd.cid, cmd.task_id), now)
+            return
+        self._io.accepted.append((cmd.task_id, cmd.cid))
+        self._io.examples += decoded.update.num_examples
+        loss = decoded.update.metrics.get("loss")
+        self.registry.record_success(cmd.cid, loss)
+        self._feed(UpdateFolded(cmd.task_id, ready=verdict.ready, loss=loss), now)
+
+    def _accepted(self, decoded: Decoded, cmd: FoldUpdate) -> AcceptedUpdate:
+        view = self.registry.get(cmd.cid)
+        capability = 1.0
+        if view is not None and view.samples_per_s:
+            capability = float(view.samples_per_s)
+        return AcceptedUpdate(
+            cid=cmd.cid,
+            num_examples=decoded.update.num_examples,
+            delta=decoded.delta,
+            capability=capability,
+            staleness=cmd.staleness,
+            control_delta=decoded.aux.get(SCAFFOLD_DELTA_AUX),
+        )
+
+    def _drop(self, cmd: DropDevice) -> None:
+        if cmd.reason == "round_complete":
+            self.registry.set_busy(cmd.cid, False)
+        elif cmd.declined:
+            self.registry.record_decline(cmd.cid)
+        else:
+            self.registry.record_failure(cmd.cid)
+        logger.info("device %s out of its task %s: %s", cmd.cid, cmd.task_id, cmd.reason)
+
+    def _aggregate(self, cmd: Aggregate, now: float) -> None:
+        new = self.strategy.finish()
+        if new is None:
+            self._feed(AggregationFailed("strategy kept the model", now), now)
+            self._finish_round(cmd.round_no, "abandoned", now, reason="strategy kept the model")
+            return
+        version = self.model_version + 1
+        if self.evaluate is not None:
+            try:
+                self._last_eval = dict(self.evaluate(self.layout.unflatten(new)))
+            except Exception:  # an evaluation bug must not stop training
+                logger.exception("evaluation of model version %d failed", version)
+                self._last_eval = {}
+        envelope = self._pack(new, version, cmd.round_no)
+        record = self._record(cmd.round_no, version, "aggregated", now, cmd.reason)
+        record["bytes_down"] = self._io.bytes_down
+        # Checkpoint BEFORE publishing: a published version is always on disk.
+        self.store.checkpoint(
+            version=version,
+            round_no=cmd.round_no,
+            envelope=envelope,
+            state=self.strategy.state_dict(),
+            record=record,
+            accepted=self._io.accepted,
+        )
+        self.model, self.model_version, self._envelope = new, version, envelope
+        self._publish_model(envelope, version)
+        self._feed(AggregationDone(version, now), now)
+        self._emit(record)
+        self._io = _RoundIO(started_at=now)
+        if self.config.rounds.mode == "async":
+            self.strategy.begin_round(self.model, round_no=self.machine.round_no)
+
+    def _abandon(self, cmd: AbandonRound, now: float) -> None:
+        self._finish_round(cmd.round_no, "abandoned", now, reason=cmd.reason)
+
+    def _finish_round(self, round_no: int, outcome: str, now: float, reason: str) -> None:
+        record = self._record(round_no, self.model_version, outcome, now, reason)
+        self.store.record_round(round_no, outcome, record)
+        logger.warning("round %d abandoned (%s); keeping model version %d", round_no, reason,
+                       self.model_version)
+        self._emit(record)
+        self._io = _RoundIO(started_at=now)
+
+    def _record(self, round_no: int, version: int, outcome: str, now: float, reason: str
+                ) -> dict[str, Any]:
+        stats = self.machine.stats
+        ev = self._last_eval
+        losses = stats.losses
+        return {
+            "round": round_no,
+            "model_version": version,
+            "outcome": outcome,
+            "reason": reason,
+            "accuracy": float(ev.get("accuracy", math.nan)),
+            "loss": float(ev.get("loss", math.nan)),
+            "train_loss": float(np.mean(losses)) if losses else math.nan,
+            "participants": stats.participants,
+            "selected": stats.selected,
+            "declined": stats.declined,
+            "dropped": stats.dropped,
+            "timed_out": stats.timed_out,
+            "replaced": stats.replaced,
+            "rejected": sum(stats.rejected.values()),
+            "rejected_by_reason": dict(stats.rejected),
+            "num_examples": self._io.examples,
+            "bytes_up": self._io.bytes_up,
+            "bytes_down": self._io.bytes_down,
+            "duration_s": max(0.0, now - self._io.started_at),
+            "eligible": len(self.registry.eligible(now)),
+            "online": len(self.registry.online(now)),
+        }
+
+    def _emit(self, record: dict[str, Any]) -> None:
+        self.rounds_finished += 1
+        self.last_record = record
+        self.metrics.round_done(record)
+        if self.on_round is not None:
+            try:
+                self.on_round(dict(record))
+            except Exception:
+                logger.exception("on_round hook failed")
+
+    # -- downlink ----------------------------------------------------------------------------
+
+    def _publish_model(self, envelope: bytes, version: int) -> None:
+        """Publish ``version`` retained (chunks, then manifest); clear the previous chunks."""
+        tid = new_transfer_id()
+        chunks = split(envelope, self.config.chunk_size, tid)
+        for index, chunk in enumerate(chunks):
+            self.transport.publish(self.topics.model_chunk(version, index), chunk, retain=True)
+        manifest = ModelManifest(
+            model_version=version,
+            transfer_id=tid.hex(),
+            chunk_count=len(chunks),
+            total_len=len(envelope),
+            sha256=hashlib.sha256(envelope).hexdigest(),
+        ).to_bytes()
+        self.transport.publish(self.topics.model_manifest(), manifest, retain=True)
+        previous = self._published
+        if previous is not None and previous[0] != version:
+            for index in range(previous[1]):
+                self.transport.publish(
+                    self.topics.model_chunk(previous[0], index), b"", retain=True
+                )
+        self._published = (version, len(chunks))
+        self.store.set_meta("published", f"{version}:{len(chunks)}")
+        self._model_bytes = sum(len(c) for c in chunks) + len(manifest)
+        self.metrics.add_bytes(outbound=self._model_bytes)
+
+
+def mqtt_transport_for(config: CoordinatorConfig) -> Transport:
+    """Connect to the configured broker with a persistent session (stable client id)."""
+    from edge.mqtt_transport import MqttSettings, MqttTransport
+
+    b = config.broker
+    password = None
+    if b.password_file is not None:
+        with open(b.password_file) as fh:
+            password = fh.readline().strip()
+    overrides: dict[str, Any] = {
+        "client_id": b.client_id,
+        "clean_start": False,
+        "session_expiry_s": b.session_expiry_s,
+        "max_inflight": 100,
+    }
+    if b.username is not None:
+        overrides["username"] = b.username
+    if password is not None:
+        overrides["password"] = password
+    if b.ca_certs is not None:
+        overrides["ca_certs"] = b.ca_certs
+    if b.tls_insecure:
+        overrides["tls_insecure"] = True
+    return MqttTransport(MqttSettings.from_url(b.url, **overrides))
+
+
+__all__ = ["Coordinator", "Evaluate", "OnRound", "mqtt_transport_for"]

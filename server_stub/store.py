@@ -1,0 +1,248 @@
+"""Persistence of the coordinator in one SQLite file (stdlib ``sqlite3``, WAL mode).
+
+This module owns the schema and the only two writes that matter for recovery:
+
+- :meth:`Store.checkpoint` writes, in **one transaction**, a new model version (its envelope
+  bytes), the strategy's server state, the round's log record and the task ids folded into
+  it, and clears the open round. The coordinator calls it *before* it publishes the version,
+  so a published version is always on disk and the version number never goes backwards.
+- :meth:`Store.save_open_round` records the issued tasks of the round in progress, so a
+  restarted coordinator reopens the same round with the same task ids and deadline.
+
+After ``kill -9`` at any point, :meth:`Store.latest_model` and :meth:`Store.open_round` give
+the state to resume from; a task id in ``accepted_tasks`` is never counted again.
+Server state vectors are stored as raw little-endian float32 bytes (never pickled).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS models (
+    version   INTEGER PRIMARY KEY,
+    round_no  INTEGER NOT NULL,
+    envelope  BLOB NOT NULL,
+    created   REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS server_state (
+    version   INTEGER NOT NULL,
+    name      TEXT NOT NULL,
+    data      BLOB NOT NULL,
+    PRIMARY KEY (version, name)
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    round_no  INTEGER PRIMARY KEY,
+    outcome   TEXT NOT NULL,
+    record    TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS accepted_tasks (
+    task_id   TEXT PRIMARY KEY,
+    round_no  INTEGER NOT NULL,
+    cid       TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS open_round (
+    id        INTEGER PRIMARY KEY CHECK (id = 1),
+    round_no  INTEGER NOT NULL,
+    snapshot  TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key       TEXT PRIMARY KEY,
+    value     TEXT NOT NULL
+);
+"""
+
+
+class StoreError(RuntimeError):
+    """The state database is unusable or inconsistent with the request."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredModel:
+    """One checkpointed model version."""
+
+    version: int
+    round_no: int
+    envelope: bytes
+    state: dict[str, npt.NDArray[np.float32]]
+
+
+class Store:
+    """The coordinator's SQLite state. One writer (the coordinator loop); not thread-safe."""
+
+    def __init__(self, path: str | Path, *, keep_models: int = 5) -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self.keep_models = keep_models
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a checkpoint that returned is on disk even after a power cut.
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def checkpoint(
+        self,
+        *,
+        version: int,
+        round_no: int,
+        envelope: bytes,
+        state: Mapping[str, np.ndarray],
+        record: Mapping[str, Any] | None,
+        accepted: Iterable[tuple[str, str]],
+        outcome: str = "aggregated",
+    ) -> None:
+        """Atomically store a new model version and close its round.
+
+        ``accepted`` holds ``(task_id, cid)`` of the updates folded into it; ``record`` is the
+        round's log record (None for the initial version). Raises
+        :class:`StoreError` if ``version`` does not advance the latest stored version or a
+        task id was already counted.
+        """
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            latest = db.execute("SELECT MAX(version) FROM models").fetchone()[0]
+            if latest is not None and version <= latest:
+                raise StoreError(f"model version {version} does not advance {latest}")
+            db.execute(
+                "INSERT INTO models (version, round_no, envelope, created) VALUES (?, ?, ?, ?)",
+                (version, round_no, envelope, time.time()),
+            )
+            for name, vec in state.items():
+                arr = np.ascontiguousarray(vec, dtype="<f4").ravel()
+                db.execute(
+                    "INSERT INTO server_state (version, name, data) VALUES (?, ?, ?)",
+                    (version, name, arr.tobytes()),
+                )
+            db.executemany(
+                "INSERT INTO accepted_tasks (task_id, round_no, cid) VALUES (?, ?, ?)",
+                [(task_id, round_no, cid) for task_id, cid in accepted],
+            )
+            if record is not None:
+                db.execute(
+                    "INSERT OR REPLACE INTO rounds (round_no, outcome, record) VALUES (?, ?, ?)",
+                    (round_no, outcome, json.dumps(dict(record), default=_json_default)),
+                )
+            db.execute("DELETE FROM open_round")
+            if self.keep_models > 0:
+                cutoff = version - self.keep_models
+                db.execute("DELETE FROM models WHERE version <= ?", (cutoff,))
+                db.execute("DELETE FROM server_state WHERE version <= ?", (cutoff,))
+            db.execute("COMMIT")
+        except sqlite3.IntegrityError as exc:
+            db.execute("ROLLBACK")
+            raise StoreError(f"checkpoint of version {version} refused: {exc}") from None
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def record_round(self, round_no: int, outcome: str, record: Mapping[str, Any]) -> None:
+        """Log a round that did not produce a model (abandoned) and clear the open round."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        db.execute(
+            "INSERT OR REPLACE INTO rounds (round_no, outcome, record) VALUES (?, ?, ?)",
+            (round_no, outcome, json.dumps(dict(record), default=_json_default)),
+        )
+        db.execute("DELETE FROM open_round")
+        db.execute("COMMIT")
+
+    def save_open_round(self, round_no: int, snapshot: Mapping[str, Any]) -> None:
+        """Remember the issued tasks of the round in progress."""
+        self._db.execute(
+            "INSERT OR REPLACE INTO open_round (id, round_no, snapshot) VALUES (1, ?, ?)",
+            (round_no, json.dumps(dict(snapshot), default=_json_default)),
+        )
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def latest_model(self) -> StoredModel | None:
+        """The newest checkpointed model version with its server state, or None."""
+        row = self._db.execute(
+            "SELECT version, round_no, envelope FROM models ORDER BY version DESC LIMIT 1"
+        ).fetchone()
+        if row is None:
+            return None
+        version = int(row[0])
+        state = {
+            str(name): np.frombuffer(data, dtype="<f4").astype(np.float32)
+            for name, data in self._db.execute(
+                "SELECT name, data FROM server_state WHERE version = ?", (version,)
+            )
+        }
+        return StoredModel(version, int(row[1]), bytes(row[2]), state)
+
+    def open_round(self) -> dict[str, Any] | None:
+        row = self._db.execute("SELECT snapshot FROM open_round WHERE id = 1").fetchone()
+        return None if row is None else dict(json.loads(row[0]))
+
+    def accepted_task_ids(self, since_round: int = 0) -> set[str]:
+        return {
+            str(r[0])
+            for r in self._db.execute(
+                "SELECT task_id FROM accepted_tasks WHERE round_no >= ?", (since_round,)
+            )
+        }
+
+    def accepted_tasks(self) -> list[tuple[str, int, str]]:
+        """Every ``(task_id, round_no, cid)`` counted so far."""
+        return [
+            (str(t), int(r), str(c))
+            for t, r, c in self._db.execute(
+                "SELECT task_id, round_no, cid FROM accepted_tasks ORDER BY round_no, task_id"
+            )
+        ]
+
+    def last_round_no(self) -> int:
+        """The highest round number logged (0 when none)."""
+        row = self._db.execute("SELECT MAX(round_no) FROM rounds").fetchone()
+        return 0 if row[0] is None else int(row[0])
+
+    def rounds(self) -> list[dict[str, Any]]:
+        """Every logged round record, oldest first (each with its ``outcome``)."""
+        out = []
+        for round_no, outcome, record in self._db.execute(
+            "SELECT round_no, outcome, record FROM rounds ORDER BY round_no"
+        ):
+            rec = dict(json.loads(record))
+            rec.setdefault("round", int(round_no))
+            rec["outcome"] = str(outcome)
+            out.append(rec)
+        return out
+
+
+def _json_default(obj: object) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+__all__ = ["Store", "StoreError", "StoredModel"]

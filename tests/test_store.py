@@ -1,0 +1,80 @@
+"""SQLite persistence: checkpoints, open rounds, resume, no double counting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server_stub.store import Store, StoreError
+
+
+def checkpoint(store: Store, version: int, accepted: list[tuple[str, str]]) -> None:
+    store.checkpoint(
+        version=version, round_no=version, envelope=b"model%d" % version,
+        state={"m": np.full(3, version, np.float32)},
+        record={"round": version, "participants": len(accepted)}, accepted=accepted,
+    )
+
+
+def test_checkpoint_and_resume(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.db") as store:
+        checkpoint(store, 1, [("t1", "a"), ("t2", "b")])
+        checkpoint(store, 2, [("t3", "a")])
+    with Store(tmp_path / "s.db") as store:
+        latest = store.latest_model()
+        assert latest is not None
+        assert (latest.version, latest.envelope) == (2, b"model2")
+        np.testing.assert_array_equal(latest.state["m"], np.full(3, 2, np.float32))
+        assert store.accepted_task_ids() == {"t1", "t2", "t3"}
+        assert [r["round"] for r in store.rounds()] == [1, 2]
+        assert store.last_round_no() == 2
+
+
+def test_wal_mode(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.db") as store:
+        assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_version_never_goes_backwards(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.db") as store:
+        checkpoint(store, 3, [])
+        with pytest.raises(StoreError, match="does not advance"):
+            checkpoint(store, 3, [])
+
+
+def test_task_counted_once_and_failed_checkpoint_leaves_nothing(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.db") as store:
+        checkpoint(store, 1, [("t1", "a")])
+        with pytest.raises(StoreError, match="refused"):
+            checkpoint(store, 2, [("t1", "a")])
+        latest = store.latest_model()
+        assert latest is not None and latest.version == 1
+        assert store.accepted_tasks() == [("t1", 1, "a")]
+
+
+def test_open_round_saved_and_cleared_by_checkpoint(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.db") as store:
+        store.save_open_round(1, {"round_no": 1, "tasks": []})
+        assert store.open_round() == {"round_no": 1, "tasks": []}
+        checkpoint(store, 1, [])
+        assert store.open_round() is None
+        store.save_open_round(2, {"round_no": 2})
+        store.record_round(2, "abandoned", {"round": 2})
+        assert store.open_round() is None
+        assert store.rounds()[-1]["outcome"] == "abandoned"
+
+
+def test_old_models_pruned(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.db", keep_models=2) as store:
+        for v in range(1, 5):
+            checkpoint(store, v, [])
+        assert [r[0] for r in store._db.execute("SELECT version FROM models")] == [3, 4]
+
+
+def test_meta_roundtrip(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.db") as store:
+        assert store.get_meta("published") is None
+        store.set_meta("published", "3:2")
+        assert store.get_meta("published") == "3:2"
