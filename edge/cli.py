@@ -12,7 +12,6 @@ from collections.abc import Sequence
 
 from edge import __version__
 
-
 BENCHMARKS = {
     "kernels": "kernels.bench",
     "transport": "edge.bench_transport",

@@ -61,8 +61,9 @@ def device_profile(p: dict[str, Any], now: float) -> DeviceProfile:
 class SimDevice:
     """One simulated device: its agent thread, transport and chaos schedule."""
 
-    def __init__(self, spec: dict[str, Any], device: dict[str, Any], rng: np.random.Generator
-                 ) -> None:
+    def __init__(
+        self, spec: dict[str, Any], device: dict[str, Any], rng: np.random.Generator
+    ) -> None:
         self.spec = spec
         self.device = device
         self.cid: str = device["cid"]
@@ -70,9 +71,11 @@ class SimDevice:
         self.rng = rng
         now = time.time()
         self.telemetry = SimulatedTelemetry(device_profile(self.profile, now), now)
-        self.dataset = load_local_data(Path(device["data"]),
-                                       num_classes=int(spec["model"]["num_classes"]),
-                                       input_dim=int(spec["model"]["input_dim"]))
+        self.dataset = load_local_data(
+            Path(device["data"]),
+            num_classes=int(spec["model"]["num_classes"]),
+            input_dim=int(spec["model"]["input_dim"]),
+        )
         self.store = AgentStore(device["state_dir"], fsync=False)
         self.handle: AgentHandle | None = None
         self.transport: Any = None
@@ -88,22 +91,34 @@ class SimDevice:
             from edge.litert_training import LiteRTTrainer
 
             return LiteRTTrainer.from_file(m["tflite"])
-        spec = ModelSpec(kind=m["kind"], input_dim=int(m["input_dim"]),
-                         num_classes=int(m["num_classes"]), hidden=tuple(m["hidden"]))
+        spec = ModelSpec(
+            kind=m["kind"],
+            input_dim=int(m["input_dim"]),
+            num_classes=int(m["num_classes"]),
+            hidden=tuple(m["hidden"]),
+        )
         return NumpyTrainer(spec)
 
     def start(self) -> None:
         settings = MqttSettings.from_url(self.spec["broker"], client_id=self.cid)
         self.transport, relay = connect_agent_transport(settings, self.spec["fleet"], self.cid)
         options = AgentOptions(
-            fleet=self.spec["fleet"], cid=self.cid, limits=Limits(),
-            heartbeat_s=float(self.spec["heartbeat_s"]), trainer_name=self.spec["trainer"],
+            fleet=self.spec["fleet"],
+            cid=self.cid,
+            limits=Limits(),
+            heartbeat_s=float(self.spec["heartbeat_s"]),
+            trainer_name=self.spec["trainer"],
             poll_s=0.5,
         )
         self.handle = start_agent_thread(
-            self.transport, options, trainer=self._trainer(), dataset=self.dataset,
-            telemetry=self.telemetry, store=self.store,
-            rng=np.random.default_rng(self.rng.integers(2**63)), relay=relay,
+            self.transport,
+            options,
+            trainer=self._trainer(),
+            dataset=self.dataset,
+            telemetry=self.telemetry,
+            store=self.store,
+            rng=np.random.default_rng(self.rng.integers(2**63)),
+            relay=relay,
         )
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -133,15 +148,17 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m edge.sim_worker SPEC.json", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: "
-                        "%(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     spec = json.loads(Path(argv[0]).read_text())
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     rng = np.random.default_rng(int(spec["seed"]))
-    devices = [SimDevice(spec, d, np.random.default_rng(rng.integers(2**63)))
-               for d in spec["devices"]]
+    devices = [
+        SimDevice(spec, d, np.random.default_rng(rng.integers(2**63))) for d in spec["devices"]
+    ]
     for dev in devices:
         dev.start()
     while not stop.wait(1.0):

@@ -329,12 +329,14 @@ class SimulatedTelemetry:
             self._battery = percent
 
     def _advance(self, now: float) -> None:
+        # Piecewise constant: the interval since the last reading takes the state at its start.
         dt_h = max(0.0, now - self._last) / 3600.0
+        start = self._last
         self._last = max(self._last, now)
         if self._battery is None or dt_h == 0.0:
             return
         p = self.profile
-        if p.charging_at(now):
+        if p.charging_at(start):
             self._battery += p.charge_pct_per_h * dt_h
         else:
             rate = p.drain_train_pct_per_h if self._training else p.drain_idle_pct_per_h

@@ -265,9 +265,7 @@ def _block_values(packed: U8, scales: F32, n: int, bits: int, block_size: int) -
     return codes.astype(np.float32) * np.repeat(s, block_size)[:n]
 
 
-def dequantize_block(
-    packed: U8, scales: F32, n: int, bits: int, block_size: int, out: F32
-) -> None:
+def dequantize_block(packed: U8, scales: F32, n: int, bits: int, block_size: int, out: F32) -> None:
     """Write code * scale of the first n elements into out (float32)."""
     _qmax(bits)
     _check_block_size(block_size)

@@ -29,15 +29,24 @@ def model_spec_for(cfg: SimConfig, train: Dataset) -> dict[str, Any]:
         from edge.litert_training import LiteRTTrainer
 
         spec = LiteRTTrainer.from_file(cfg.model).spec
-        return {"kind": spec.kind, "input_dim": spec.input_dim, "num_classes": spec.num_classes,
-                "hidden": list(spec.hidden), "tflite": str(Path(cfg.model).resolve())}
+        return {
+            "kind": spec.kind,
+            "input_dim": spec.input_dim,
+            "num_classes": spec.num_classes,
+            "hidden": list(spec.hidden),
+            "tflite": str(Path(cfg.model).resolve()),
+        }
     if cfg.model not in ("logreg", "mlp"):
         from server_stub.sim import SimError
 
         raise SimError(f"--model must be logreg, mlp or a .tflite file, got {cfg.model!r}")
     hidden = [cfg.hidden] if cfg.model == "mlp" else []
-    spec_json: dict[str, Any] = {"kind": cfg.model, "input_dim": int(train.input_dim),
-                                 "num_classes": num_classes, "hidden": hidden}
+    spec_json: dict[str, Any] = {
+        "kind": cfg.model,
+        "input_dim": int(train.input_dim),
+        "num_classes": num_classes,
+        "hidden": hidden,
+    }
     if cfg.trainer == "litert":
         from edge.litert_training import BUNDLED_MODELS, LiteRTTrainer, bundled_model_path
 
@@ -45,21 +54,31 @@ def model_spec_for(cfg: SimConfig, train: Dataset) -> dict[str, Any]:
             path = bundled_model_path(name)
             spec = LiteRTTrainer.from_file(path).spec
             if spec.input_dim == spec_json["input_dim"] and spec.num_classes == num_classes:
-                return {**spec_json, "kind": "mlp", "hidden": list(spec.hidden),
-                        "tflite": str(path)}
+                return {
+                    **spec_json,
+                    "kind": "mlp",
+                    "hidden": list(spec.hidden),
+                    "tflite": str(path),
+                }
         from server_stub.sim import SimError
 
         raise SimError("no bundled .tflite model fits this dataset; pass --model PATH.tflite")
     return spec_json
 
 
-def _evaluator(spec: Mapping[str, Any], test: Dataset) -> Callable[[Mapping[str, np.ndarray]],
-                                                                    dict[str, float]]:
+def _evaluator(
+    spec: Mapping[str, Any], test: Dataset
+) -> Callable[[Mapping[str, np.ndarray]], dict[str, float]]:
     from edge.training import ModelSpec, NumpyTrainer
 
-    trainer = NumpyTrainer(ModelSpec(kind=spec["kind"], input_dim=int(spec["input_dim"]),
-                                     num_classes=int(spec["num_classes"]),
-                                     hidden=tuple(spec["hidden"])))
+    trainer = NumpyTrainer(
+        ModelSpec(
+            kind=spec["kind"],
+            input_dim=int(spec["input_dim"]),
+            num_classes=int(spec["num_classes"]),
+            hidden=tuple(spec["hidden"]),
+        )
+    )
 
     def evaluate(weights: Mapping[str, np.ndarray]) -> dict[str, float]:
         trainer.set_weights({k: np.asarray(v, dtype=np.float32) for k, v in weights.items()})
@@ -69,9 +88,15 @@ def _evaluator(spec: Mapping[str, Any], test: Dataset) -> Callable[[Mapping[str,
     return evaluate
 
 
-def build_coordinator(cfg: SimConfig, broker_url: str, workdir: Path, train: Dataset,
-                      test: Dataset, spec: Mapping[str, Any],
-                      on_round: Callable[[dict[str, Any]], None]) -> Coordinator:
+def build_coordinator(
+    cfg: SimConfig,
+    broker_url: str,
+    workdir: Path,
+    train: Dataset,
+    test: Dataset,
+    spec: Mapping[str, Any],
+    on_round: Callable[[dict[str, Any]], None],
+) -> Coordinator:
     """The real coordinator, on its own MQTT connection to the simulation's broker."""
     from edge.training import ModelSpec, init_weights
     from server_stub.config import config_from_dict
@@ -79,40 +104,58 @@ def build_coordinator(cfg: SimConfig, broker_url: str, workdir: Path, train: Dat
     from server_stub.store import Store
 
     strategy = "fedbuff" if cfg.async_mode and cfg.strategy == "fedavg" else cfg.strategy
-    strategy_params: dict[str, Any] = {"epochs": cfg.epochs, "batch_size": cfg.batch_size,
-                                       "lr": cfg.lr}
+    strategy_params: dict[str, Any] = {
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+    }
     if strategy == "fedprox":
         strategy_params["mu"] = 0.01
     if strategy == "scaffold":
         strategy_params["num_clients"] = cfg.clients
-    config = config_from_dict({
-        "fleet": "sim",
-        "seed": cfg.seed,
-        "rounds_total": cfg.rounds,
-        "strategy": {"name": strategy, **strategy_params},
-        "selection": {"policy": cfg.selection},
-        "rounds": {
-            "clients_per_round": cfg.clients_per_round,
-            "min_fraction": cfg.min_fraction,
-            "deadline_s": cfg.deadline_s,
-            "mode": "async" if cfg.async_mode else "sync",
-            "concurrency": cfg.clients_per_round,
+    config = config_from_dict(
+        {
+            "fleet": "sim",
+            "seed": cfg.seed,
+            "rounds_total": cfg.rounds,
+            "strategy": {"name": strategy, **strategy_params},
+            "selection": {"policy": cfg.selection},
+            "rounds": {
+                "clients_per_round": cfg.clients_per_round,
+                "min_fraction": cfg.min_fraction,
+                "deadline_s": cfg.deadline_s,
+                "mode": "async" if cfg.async_mode else "sync",
+                "concurrency": cfg.clients_per_round,
+            },
+            "uplink": {
+                "codec": parse_codec(cfg.codec),
+                "error_feedback": cfg.resolved_error_feedback(),
+            },
+            "broker": {"url": broker_url, "client_id": "fedge-coordinator"},
+            "state": {"db": str(workdir / "coordinator.db")},
+            "startup_grace_s": 2.0,
         },
-        "uplink": {"codec": parse_codec(cfg.codec),
-                   "error_feedback": cfg.resolved_error_feedback()},
-        "broker": {"url": broker_url, "client_id": "fedge-coordinator"},
-        "state": {"db": str(workdir / "coordinator.db")},
-        "startup_grace_s": 2.0,
-    }, base_dir=workdir)
-    model_spec = ModelSpec(kind=spec["kind"], input_dim=int(spec["input_dim"]),
-                           num_classes=int(spec["num_classes"]), hidden=tuple(spec["hidden"]))
+        base_dir=workdir,
+    )
+    model_spec = ModelSpec(
+        kind=spec["kind"],
+        input_dim=int(spec["input_dim"]),
+        num_classes=int(spec["num_classes"]),
+        hidden=tuple(spec["hidden"]),
+    )
     weights = init_weights(model_spec, np.random.default_rng(cfg.seed))
     if "tflite" in spec:
         from edge.litert_training import LiteRTTrainer
 
         weights = LiteRTTrainer.from_file(spec["tflite"]).get_weights()
     transport = mqtt_transport_for(config)
-    return Coordinator(config, transport, Store(config.state_db),
-                       layout=ModelLayout.of(weights), initial_weights=weights,
-                       evaluate=_evaluator(spec, test), on_round=on_round,
-                       rng=np.random.default_rng(cfg.seed))
+    return Coordinator(
+        config,
+        transport,
+        Store(config.state_db),
+        layout=ModelLayout.of(weights),
+        initial_weights=weights,
+        evaluate=_evaluator(spec, test),
+        on_round=on_round,
+        rng=np.random.default_rng(cfg.seed),
+    )

@@ -44,7 +44,7 @@ from edge.modelio import ModelLayout, decode_update, pack_model
 from edge.state import AgentStore
 from edge.telemetry import DeviceProfile, SimulatedTelemetry, TelemetrySnapshot
 from edge.training import ModelSpec, NumpyTrainer, init_weights, shapes
-from edge.transport import InMemoryBroker, InMemoryTransport
+from edge.transport import InMemoryBroker
 from edge.wire import (
     BatteryInfo,
     ModelManifest,
@@ -71,7 +71,9 @@ def snap(**kw: object) -> TelemetrySnapshot:
     return TelemetrySnapshot(**base)  # type: ignore[arg-type]
 
 
-def task(task_id: str = "t1", *, version: int = 1, deadline: float = NOW + 60, **kw: object) -> TrainTask:
+def task(
+    task_id: str = "t1", *, version: int = 1, deadline: float = NOW + 60, **kw: object
+) -> TrainTask:
     args: dict[str, object] = {
         "task_id": task_id, "round_no": 1, "model_version": version, "deadline_ts": deadline,
         "train": TrainParams(epochs=1, batch_size=8, lr=0.1), "uplink_codec": INT8,
@@ -140,7 +142,10 @@ def test_happy_path_publishes_trains_uploads() -> None:
     assert m.handle(Connected(), NOW) == [PublishStatus(AgentState.IDLE)]
     m.handle(ModelAvailable(1, snap()), NOW)
     t = task()
-    assert m.handle(TaskReceived(t, snap()), NOW) == [PublishStatus(AgentState.TRAINING, "t1"), Train(t)]
+    assert m.handle(TaskReceived(t, snap()), NOW) == [
+        PublishStatus(AgentState.TRAINING, "t1"),
+        Train(t),
+    ]
     assert m.handle(TrainingFinished("t1"), NOW) == [Upload(t)]
     assert m.handle(UploadDone("t1"), NOW) == [PublishStatus(AgentState.IDLE)]
     assert m.state is AgentState.IDLE and m.task is None
@@ -149,7 +154,9 @@ def test_happy_path_publishes_trains_uploads() -> None:
 def test_task_before_model_waits_then_trains() -> None:
     m = AgentMachine()
     t = task(version=3)
-    assert m.handle(TaskReceived(t, snap()), NOW) == [PublishStatus(AgentState.FETCHING_MODEL, "t1")]
+    assert m.handle(TaskReceived(t, snap()), NOW) == [
+        PublishStatus(AgentState.FETCHING_MODEL, "t1")
+    ]
     assert m.handle(ModelAvailable(2, snap()), NOW) == []
     assert m.handle(ModelAvailable(3, snap()), NOW)[-1] == Train(t)
 
@@ -294,17 +301,25 @@ class Coordinator:
         self.t.subscribe(self.topics.all_status())
         self.t.subscribe(self.topics.all_updates())
 
-    def publish_model(self, weights: dict[str, np.ndarray], version: int, *, corrupt: bool = False,
-                      extra_tensors: dict[str, np.ndarray] | None = None) -> bytes:
-        envelope = pack_model({**weights, **(extra_tensors or {})}, model_version=version,
-                              round_no=version).to_bytes()
+    def publish_model(
+        self,
+        weights: dict[str, np.ndarray],
+        version: int,
+        *,
+        corrupt: bool = False,
+        extra_tensors: dict[str, np.ndarray] | None = None,
+    ) -> bytes:
+        envelope = pack_model(
+            {**weights, **(extra_tensors or {})}, model_version=version, round_no=version
+        ).to_bytes()
         sent = bytearray(envelope)
         if corrupt:
             sent[-40] ^= 0xFF
         tid = bytes(16) if not corrupt else bytes([1] * 16)
         chunks = split(bytes(sent), chunk_size=1024, transfer_id=tid)
-        manifest = ModelManifest(version, tid.hex(), len(chunks), len(envelope),
-                                 hashlib.sha256(envelope).hexdigest())
+        manifest = ModelManifest(
+            version, tid.hex(), len(chunks), len(envelope), hashlib.sha256(envelope).hexdigest()
+        )
         self.t.publish(self.topics.model_manifest(), manifest.to_bytes(), retain=True)
         for i, c in enumerate(chunks):
             self.t.publish(self.topics.model_chunk(version, i), c, retain=True)
@@ -340,8 +355,12 @@ def dataset(n: int = 64) -> Dataset:
     return Dataset(rng.normal(size=(n, 8)).astype(np.float32), rng.integers(0, 3, n), 3)
 
 
-def start_runner(broker: InMemoryBroker, state_dir: Path, telemetry: SimulatedTelemetry | None = None,
-                 clock: Callable[[], float] = lambda: NOW) -> tuple[AgentRunner, threading.Thread]:
+def start_runner(
+    broker: InMemoryBroker,
+    state_dir: Path,
+    telemetry: SimulatedTelemetry | None = None,
+    clock: Callable[[], float] = lambda: NOW,
+) -> tuple[AgentRunner, threading.Thread]:
     transport = broker.connect(CID)
     runner = AgentRunner(
         transport, AgentOptions(FLEET, CID, poll_s=0.02, hmac_key=b"k" * 32),
@@ -376,7 +395,9 @@ def weights() -> dict[str, np.ndarray]:
     return init_weights(SPEC, np.random.default_rng(0))
 
 
-def test_runner_trains_and_uploads_a_signed_compressed_update(tmp_path: Path, weights: dict) -> None:
+def test_runner_trains_and_uploads_a_signed_compressed_update(
+    tmp_path: Path, weights: dict
+) -> None:
     broker = InMemoryBroker()
     coord = Coordinator(broker)
     coord.publish_model(weights, 1)
@@ -398,7 +419,9 @@ def test_runner_trains_and_uploads_a_signed_compressed_update(tmp_path: Path, we
     assert offline.online is False
 
 
-def test_runner_refetches_a_corrupt_model_and_never_trains_on_it(tmp_path: Path, weights: dict) -> None:
+def test_runner_refetches_a_corrupt_model_and_never_trains_on_it(
+    tmp_path: Path, weights: dict
+) -> None:
     broker = InMemoryBroker()
     coord = Coordinator(broker)
     coord.publish_model(weights, 1, corrupt=True)
@@ -429,14 +452,18 @@ def test_runner_declines_an_unknown_codec(tmp_path: Path, weights: dict) -> None
     assert status.declined is not None and status.declined.reason == "unsupported_codec"
 
 
-def test_battery_draining_during_training_stops_it_and_uploads_nothing(tmp_path: Path, weights: dict) -> None:
+def test_battery_draining_during_training_stops_it_and_uploads_nothing(
+    tmp_path: Path, weights: dict
+) -> None:
     broker = InMemoryBroker()
     coord = Coordinator(broker)
     coord.publish_model(weights, 1)
     profile = DeviceProfile(battery_percent=25.0, drain_train_pct_per_h=3600.0, epoch=NOW)
     telemetry = SimulatedTelemetry(profile, now=NOW)
     ticks = iter(range(10**9))
-    runner, thread = start_runner(broker, tmp_path, telemetry, clock=lambda: NOW + next(ticks) * 0.01)
+    runner, thread = start_runner(
+        broker, tmp_path, telemetry, clock=lambda: NOW + next(ticks) * 0.01
+    )
     try:
         coord.send(task(train=TrainParams(epochs=50, batch_size=4, lr=0.1), deadline=NOW + 10**8))
         status = coord.next_decline()
@@ -468,7 +495,9 @@ def test_error_feedback_residual_survives_a_restart(tmp_path: Path, weights: dic
         stop_runner(runner2, thread2)
 
 
-def test_stale_residual_layout_is_discarded(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_stale_residual_layout_is_discarded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     store = AgentStore(tmp_path)
     old = ModelLayout((("w0", (2, 2)),))
     store.save_residuals(old, {"w0": np.ones((2, 2), np.float32)})
@@ -489,7 +518,9 @@ def test_scaffold_update_carries_control_delta_and_keeps_c_i(tmp_path: Path, wei
         update = coord.next_update()
     finally:
         stop_runner(runner, thread)
-    aux = decode_update(update, layout, np.empty(layout.size, np.float32), aux={SCAFFOLD_DELTA: layout.size})
+    aux = decode_update(
+        update, layout, np.empty(layout.size, np.float32), aux={SCAFFOLD_DELTA: layout.size}
+    )
     assert aux[SCAFFOLD_DELTA].shape == (layout.size,) and np.isfinite(aux[SCAFFOLD_DELTA]).all()
     assert AgentStore(tmp_path).load_scaffold_control(layout) is not None
 

@@ -125,9 +125,11 @@ def test_agent_trains_and_uploads_the_requested_codec(setup) -> None:  # type: i
     decode_update(update, layout, out)
     assert [(t.name, t.shape) for t in update.tensors] == list(layout.entries)
     assert all([s["id"] for s in t.codec["stages"]] == ["block_i8", "zstd"] for t in update.tensors)
-    assert update.num_examples == 300 and update.task_id == "task-1" and update.nonce == "nonce-task-1"
+    assert (
+        update.num_examples == 300 and update.task_id == "task-1" and update.nonce == "nonce-task-1"
+    )
     assert np.isfinite(out).all() and np.abs(out).max() > 0
-    assert handle.runner.stats.updates_sent == 1
+    assert handle.runner.stats.trainings == 1
 
 
 def test_unknown_codec_is_declined_with_a_reason(setup) -> None:  # type: ignore[no-untyped-def]

@@ -45,7 +45,8 @@ def sim_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, set[str], s
     result = subprocess.run(
         [sys.executable, "-m", "edge", "sim", "--clients", "6", "--clients-per-round", "3",
          "--rounds", "6", "--seed", "1", "--out", str(out), "--quiet"],
-        capture_output=True, text=True, timeout=240, env={**os.environ, "COLUMNS": "120"},
+        capture_output=True, text=True, timeout=240, check=False,
+        env={**os.environ, "COLUMNS": "120"},
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     return out, before_dirs, before_procs
@@ -82,7 +83,7 @@ def test_nothing_is_left_behind(sim_run: tuple[Path, set[str], set[int]]) -> Non
 def test_bad_option_is_a_clear_error() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "edge", "sim", "--clients", "2", "--clients-per-round", "5"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert result.returncode == 1
     assert "--clients-per-round" in result.stdout + result.stderr
