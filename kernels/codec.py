@@ -84,6 +84,7 @@ Float32Vector: TypeAlias = npt.NDArray[np.float32]
 CodecKind = Literal["values", "sparsify", "bytes"]
 
 _U32 = struct.Struct("<I")
+_F32_MAX = float(np.finfo(np.float32).max)
 _MAX_U32 = 0xFFFFFFFF
 
 
@@ -330,7 +331,7 @@ class AffineU8(ValueCodec):
         n, scale, zero_point = self._HEADER.unpack_from(buf, 0)
         _expect_n(n, size, self.codec_id)
         _expect_len(buf, self._HEADER.size + n, self.codec_id)
-        if not (math.isfinite(scale) and scale > 0.0):
+        if not (math.isfinite(scale) and 0.0 < scale <= _F32_MAX / 255):
             raise CorruptPayloadError(f"affine_u8 payload has an invalid scale {scale!r}")
         codes = np.frombuffer(buf, dtype=np.uint8, count=n, offset=self._HEADER.size)
         return codes, float(scale), int(zero_point)
@@ -401,8 +402,12 @@ class _BlockCodec(ValueCodec):
         nblocks, nbytes = self._layout(n)
         _expect_len(buf, 4 + 4 * nblocks + nbytes, self.codec_id)
         scales = _f32_view(buf, 4, nblocks)
-        if nblocks and not (np.isfinite(scales).all() and (scales >= 0).all()):
-            raise CorruptPayloadError(f"{self.codec_id} payload has a negative or non-finite scale")
+        # qmax * scale must stay finite, or a forged scale would decode to +/-inf
+        limit = np.float32(np.finfo(np.float32).max / ((1 << (self.bits - 1)) - 1))
+        if nblocks and not ((scales >= 0).all() and (scales <= limit).all()):
+            raise CorruptPayloadError(
+                f"{self.codec_id} payload has a negative, non-finite or out-of-range scale"
+            )
         packed = np.frombuffer(buf, dtype=np.uint8, count=nbytes, offset=4 + 4 * nblocks)
         return packed, scales
 
