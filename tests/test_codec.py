@@ -420,13 +420,22 @@ def test_feedback_rejects_a_residual_of_the_wrong_size() -> None:
         ErrorFeedback(get_codec({"id": "block_i8"}), 10, residual=np.zeros(9, dtype=np.float32))
 
 
-@pytest.mark.parametrize("codec_id", ["block_i8", "block_i4", "block_i2"])
-def test_forged_huge_scale_is_refused(codec_id: str) -> None:
-    # Prepare: a valid payload whose first scale is set to the largest float32
-    # (found by fuzzing: qmax * scale overflowed to inf on decode)
+@pytest.mark.parametrize(
+    ("codec_id", "scale"),
+    [
+        ("block_i8", np.finfo(np.float32).max),
+        ("block_i4", np.finfo(np.float32).max),
+        ("block_i2", np.inf),
+        ("block_i8", np.nan),
+        ("block_i4", -1.0),
+    ],
+)
+def test_forged_scale_is_refused(codec_id: str, scale: float) -> None:
+    # Prepare: a valid payload with a forged first scale (found by fuzzing:
+    # qmax * scale overflowed float32 to inf on decode)
     codec = get_codec({"id": codec_id})
     payload = bytearray(codec.encode(np.ones(64, dtype=np.float32)))
-    payload[4:8] = np.float32(np.finfo(np.float32).max).tobytes()
+    payload[4:8] = np.float32(scale).tobytes()
     # Execute / Assert
     with pytest.raises(CorruptPayloadError, match="scale"):
         codec.decode(bytes(payload), np.empty(64, dtype=np.float32))
