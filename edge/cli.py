@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from edge import __version__
 
@@ -17,6 +18,7 @@ BENCHMARKS = {
     "transport": "edge.bench_transport",
     "agent": "edge.bench_agent",
     "ingest": "server_stub.bench_ingest",
+    "fl": "server_stub.bench_fl",
 }
 """Benchmark name -> module with ``main(argv) -> int`` (imported only when asked for)."""
 
@@ -41,6 +43,46 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     return agent_main.cli(args.rest)
 
 
+def _cmd_coordinator(args: argparse.Namespace) -> int:
+    from server_stub import cli as coordinator_cli
+
+    return coordinator_cli.main(args.rest, evaluate_factory=_coordinator_evaluate)
+
+
+def _coordinator_evaluate(config: Any) -> Any:
+    """Build the coordinator's ``evaluate`` hook from ``edge.training`` (this is the
+    composition root: server_stub never imports edge.training)."""
+    if config.eval_data is None:
+        return None
+    from edge.data import load_local_data
+    from edge.training import ModelSpec, NumpyTrainer
+
+    layout, _weights = config.layout_and_weights()
+    shapes = dict(layout.entries)
+    widths = [shapes[f"w{i}"][1] for i in range(len(shapes) // 2)]
+    spec = ModelSpec(
+        "mlp" if len(widths) > 1 else "logreg",
+        input_dim=shapes["w0"][0],
+        num_classes=widths[-1],
+        hidden=tuple(widths[:-1]),
+    )
+    data = load_local_data(config.eval_data, num_classes=spec.num_classes, input_dim=spec.input_dim)
+
+    def evaluate(weights: dict[str, Any]) -> dict[str, float]:
+        trainer = NumpyTrainer(spec)
+        trainer.set_weights(weights)
+        result = trainer.evaluate(data.x, data.y)
+        return {"accuracy": result.accuracy, "loss": result.loss}
+
+    return evaluate
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from server_stub import status_cmd
+
+    return status_cmd.main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedge",
@@ -60,6 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     agent.add_argument("rest", nargs=argparse.REMAINDER, help="options of the agent")
     agent.set_defaults(func=_cmd_agent)
+
+    coordinator = sub.add_parser(
+        "coordinator", help="run the coordinator", add_help=False, prefix_chars="+",
+        usage="fedge coordinator --config coordinator.toml [--rounds N] [--log-level L]",
+    )  # fmt: skip
+    coordinator.add_argument("rest", nargs=argparse.REMAINDER, help="coordinator options")
+    coordinator.set_defaults(func=_cmd_coordinator)
+
+    status = sub.add_parser(
+        "status", help="print the fleet's devices from their retained status", add_help=False,
+        prefix_chars="+", usage="fedge status --broker mqtt://host:1883 --fleet NAME",
+    )  # fmt: skip
+    status.add_argument("rest", nargs=argparse.REMAINDER, help="status options")
+    status.set_defaults(func=_cmd_status)
 
     sim = sub.add_parser(
         "sim",

@@ -13,7 +13,7 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 
 from server_stub.config import ConfigError, CoordinatorConfig, load_config
@@ -57,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None, evaluate_factory: object = None) -> int:
+def main(
+    argv: Sequence[str] | None = None,
+    evaluate_factory: Callable[[CoordinatorConfig], Evaluate | None] | None = None,
+) -> int:
     """``fedge coordinator --config FILE``."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -70,7 +73,7 @@ def main(argv: Sequence[str] | None = None, evaluate_factory: object = None) -> 
         print(f"fedge coordinator: {exc}", file=sys.stderr)
         return 2
     evaluate = None
-    if callable(evaluate_factory):
+    if evaluate_factory is not None:
         evaluate = evaluate_factory(config)
     elif config.eval_data is not None:
         logger.warning(

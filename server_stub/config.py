@@ -158,9 +158,7 @@ def _spec_weights(m: ModelSettings) -> tuple[ModelLayout, dict[str, F32]]:
     last = len(dims) - 2
     for layer in range(len(dims) - 1):
         fan_in, fan_out = dims[layer], dims[layer + 1]
-        limit = (
-            math.sqrt(6.0 / fan_in) if layer < last else math.sqrt(6.0 / (fan_in + fan_out))
-        )
+        limit = math.sqrt(6.0 / fan_in) if layer < last else math.sqrt(6.0 / (fan_in + fan_out))
         weights[f"w{layer}"] = rng.uniform(-limit, limit, (fan_in, fan_out)).astype(np.float32)
         weights[f"b{layer}"] = np.zeros(fan_out, dtype=np.float32)
     return ModelLayout.of(weights), weights
@@ -181,9 +179,7 @@ def _build(cls: type[Any], table: Mapping[str, Any], where: str) -> Any:
     kwargs = _take(table, cls, where)
     for key in ("hidden", "required_codecs"):
         if key in kwargs and isinstance(kwargs[key], list):
-            kwargs[key] = (
-                tuple(kwargs[key]) if key == "hidden" else frozenset(kwargs[key])
-            )
+            kwargs[key] = tuple(kwargs[key]) if key == "hidden" else frozenset(kwargs[key])
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
@@ -208,9 +204,7 @@ def config_from_dict(data: Mapping[str, Any], base_dir: Path | None = None) -> C
     scalars = {"fleet", "rounds_total", "seed", "tick_s", "chunk_size", "startup_grace_s"}
     unknown = sorted(set(top) - tables - scalars)
     if unknown:
-        raise ConfigError(
-            f"unknown top-level key(s) {unknown}; valid: {sorted(tables | scalars)}"
-        )
+        raise ConfigError(f"unknown top-level key(s) {unknown}; valid: {sorted(tables | scalars)}")
     kwargs: dict[str, Any] = {k: top[k] for k in scalars if k in top}
     if kwargs.get("rounds_total") == 0:
         kwargs["rounds_total"] = None

@@ -41,8 +41,8 @@ from edge.wire import (
     JSONValue,
     ModelManifest,
     Status,
-    Topics,
     TopicKind,
+    Topics,
     TrainParams,
     TrainTask,
     WireError,
@@ -78,8 +78,8 @@ from server_stub.validation import (
     SCAFFOLD_C_AUX,
     SCAFFOLD_DELTA_AUX,
     Decoded,
-    Rejected,
     RejectCode,
+    Rejected,
     UpdateValidator,
 )
 
@@ -152,8 +152,8 @@ class Coordinator:
         self.scaffold = isinstance(self.strategy, Scaffold)
         self.selector = make_selector(config.selection, dict(config.selection_params))
         self.registry = Registry(config.eligibility)
-        self.metrics = metrics if metrics is not None else CoordinatorMetrics(
-            port=config.metrics_port
+        self.metrics = (
+            metrics if metrics is not None else CoordinatorMetrics(port=config.metrics_port)
         )
         keys = config.hmac_keys()
         self.validator = UpdateValidator(
@@ -226,9 +226,7 @@ class Coordinator:
         weights: dict[str, np.ndarray] = dict(self.layout.unflatten(flat))
         if self.scaffold:
             c = self.strategy.state_dict().get("c")
-            weights[SCAFFOLD_C_AUX] = (
-                np.zeros(self.layout.size, np.float32) if c is None else c
-            )
+            weights[SCAFFOLD_C_AUX] = np.zeros(self.layout.size, np.float32) if c is None else c
         metrics = {k: float(v) for k, v in self._last_eval.items() if math.isfinite(v)}
         return pack_model(
             weights, model_version=version, round_no=max(0, round_no), metrics=metrics
@@ -326,7 +324,10 @@ class Coordinator:
         event: DeviceUnavailable | None = None
         if change.declined_task is not None:
             event = DeviceUnavailable(
-                cid, f"declined:{change.decline_reason}", now, declined=True,
+                cid,
+                f"declined:{change.decline_reason}",
+                now,
+                declined=True,
                 task_id=change.declined_task,
             )
         elif not change.online:
@@ -371,13 +372,15 @@ class Coordinator:
         self._execute(self.machine.handle(event), now, update)
 
     def _execute(self, commands: list[Command], now: float, update: Any = None) -> None:
-        sent = False
+        if any(isinstance(c, SendTask) for c in commands):
+            # Persist the issued tasks before they go out: a device never holds a task that
+            # a restarted coordinator does not know.
+            self.store.save_open_round(self.machine.round_no, self.machine.snapshot())
         for cmd in commands:
             if isinstance(cmd, StartRound):
                 self._start_round(cmd, now)
             elif isinstance(cmd, SendTask):
                 self._send_task(cmd)
-                sent = True
             elif isinstance(cmd, FoldUpdate):
                 self._fold(cmd, update, now)
             elif isinstance(cmd, RejectUpdate):
@@ -389,22 +392,19 @@ class Coordinator:
                 self._aggregate(cmd, now)
             elif isinstance(cmd, AbandonRound):
                 self._abandon(cmd, now)
-            elif isinstance(cmd, WaitForDevices):
-                if not self._io.waiting_logged:
-                    logger.info(
-                        "round %d: %d eligible device(s), %d needed; waiting",
-                        cmd.round_no, cmd.eligible, cmd.needed,
-                    )
-                    self._io.waiting_logged = True
-        if sent:
-            self.store.save_open_round(self.machine.round_no, self.machine.snapshot())
+            elif isinstance(cmd, WaitForDevices) and not self._io.waiting_logged:
+                logger.info(
+                    "round %d: %d eligible device(s), %d needed; waiting",
+                    cmd.round_no,
+                    cmd.eligible,
+                    cmd.needed,
+                )
+                self._io.waiting_logged = True
 
     def _start_round(self, cmd: StartRound, now: float) -> None:
         self._io = _RoundIO(started_at=now)
         self.strategy.begin_round(self.model, round_no=cmd.round_no)
-        logger.info(
-            "round %d started on model version %d", cmd.round_no, cmd.model_version
-        )
+        logger.info("round %d started on model version %d", cmd.round_no, cmd.model_version)
 
     def _send_task(self, cmd: SendTask) -> None:
         t = cmd.task
@@ -450,8 +450,13 @@ class Coordinator:
             update, max_examples=None if view is None else view.num_examples or None
         )
         if isinstance(decoded, Rejected):
-            logger.info("rejected update %s from %s: %s (%s)", cmd.task_id, cmd.cid,
-                        decoded.reason, decoded.detail)
+            logger.info(
+                "rejected update %s from %s: %s (%s)",
+                cmd.task_id,
+                cmd.cid,
+                decoded.reason,
+                decoded.detail,
+            )
             self.metrics.reject(decoded.reason.value)
             self._feed(UpdateInvalid(decoded.reason.value, cmd.cid, cmd.task_id), now)
             return
@@ -529,13 +534,18 @@ class Coordinator:
     def _finish_round(self, round_no: int, outcome: str, now: float, reason: str) -> None:
         record = self._record(round_no, self.model_version, outcome, now, reason)
         self.store.record_round(round_no, outcome, record)
-        logger.warning("round %d abandoned (%s); keeping model version %d", round_no, reason,
-                       self.model_version)
+        logger.warning(
+            "round %d abandoned (%s); keeping model version %d",
+            round_no,
+            reason,
+            self.model_version,
+        )
         self._emit(record)
         self._io = _RoundIO(started_at=now)
 
-    def _record(self, round_no: int, version: int, outcome: str, now: float, reason: str
-                ) -> dict[str, Any]:
+    def _record(
+        self, round_no: int, version: int, outcome: str, now: float, reason: str
+    ) -> dict[str, Any]:
         stats = self.machine.stats
         ev = self._last_eval
         losses = stats.losses

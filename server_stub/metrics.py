@@ -61,7 +61,9 @@ class CoordinatorMetrics:
             buckets=(1, 2, 5, 10, 30, 60, 120, 300, 600, math.inf),
             registry=reg,
         )
-        self.model_version = prom.Gauge("fedge_model_version", "Current model version", registry=reg)
+        self.model_version = prom.Gauge(
+            "fedge_model_version", "Current model version", registry=reg
+        )
         self.online = prom.Gauge("fedge_devices_online", "Devices online", registry=reg)
         self.eligible = prom.Gauge("fedge_devices_eligible", "Devices eligible", registry=reg)
         self.accuracy = prom.Gauge("fedge_model_accuracy", "Held-out accuracy", registry=reg)

@@ -17,6 +17,7 @@ Rules:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -157,7 +158,7 @@ class Registry:
             return
         record.successes += 1
         changes: dict[str, object] = {"busy": False}
-        if loss is not None and loss >= 0.0 and loss == loss and loss != float("inf"):
+        if loss is not None and loss >= 0.0 and math.isfinite(loss):
             changes["recent_loss"] = loss
         record.view = dataclasses.replace(record.view, **changes)  # type: ignore[arg-type]
 
@@ -216,9 +217,7 @@ class Registry:
     def eligible(self, now: float, exclude: Iterable[str] = ()) -> list[DeviceView]:
         """Devices that may be offered a task at ``now`` (not busy, fresh, rules pass)."""
         skip = set(exclude)
-        return [
-            v for v in self.views() if v.cid not in skip and self.rules.check(v, now) is None
-        ]
+        return [v for v in self.views() if v.cid not in skip and self.rules.check(v, now) is None]
 
     def ineligible_reasons(self, now: float) -> dict[str, Ineligible]:
         """``cid -> reason`` of every device that is not eligible at ``now``."""

@@ -655,8 +655,9 @@ class RoundMachine:
 
     # -- updates -----------------------------------------------------------------------------
 
-    def classify(self, cid: str, task_id: str, model_version: int, nonce: str | None,
-                 now: float) -> str | FoldUpdate:
+    def classify(
+        self, cid: str, task_id: str, model_version: int, nonce: str | None, now: float
+    ) -> str | FoldUpdate:
         """Return the rejection reason of an update, or the :class:`FoldUpdate` for it.
 
         A pure query (no state changes), so the coordinator can refuse an update before it
@@ -748,8 +749,9 @@ class RoundMachine:
             pass
         return commands
 
-    def _drop(self, cid: str, task_id: str, reason: str, *, declined: bool = False
-              ) -> list[Command]:
+    def _drop(
+        self, cid: str, task_id: str, reason: str, *, declined: bool = False
+    ) -> list[Command]:
         if self.outstanding.get(cid) == task_id:
             del self.outstanding[cid]
         task = self.tasks.get(task_id)

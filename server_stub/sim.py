@@ -3,7 +3,8 @@
 A composition root: it wires both sides together, so unlike the library
 modules of ``server_stub`` it may import ``edge`` (lazily). What it runs:
 
-1. a private ``mosquitto`` on a free loopback port (or ``--broker URL``);
+1. a private ``mosquitto`` on a free loopback port, or, when the binary is not
+   installed, an embedded amqtt broker (``edge.embedded_broker``), or ``--broker URL``;
 2. the real coordinator, in this process, on its own MQTT connection;
 3. N real device agents in a few worker processes (``python -m edge.sim_worker``),
    each agent with its own MQTT connection, its own data partition written to
@@ -32,15 +33,20 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from server_stub import report
 
+if TYPE_CHECKING:
+    from edge.embedded_broker import EmbeddedBroker
+    from edge.mosquitto import MosquittoBroker
+
 logger = logging.getLogger("fedge.sim")
 
 PROFILE_MIXES = ("uniform", "mixed", "harsh")
+BROKER_KINDS = ("auto", "mosquitto", "embedded")
 
 
 class SimError(RuntimeError):
@@ -82,6 +88,9 @@ class SimConfig:
     test_fraction: float = 0.25
     target_accuracy: float = 0.9
     broker: str | None = None
+    """URL of an existing broker; None starts a private one (see ``broker_kind``)."""
+    broker_kind: str = "auto"
+    """Private broker: ``mosquitto``, ``embedded`` (amqtt) or ``auto`` (mosquitto if installed)."""
     workers: int = 0
     """Worker processes hosting the agents; 0: one per core, or one per 250 devices if more."""
     heartbeat_s: float = 2.0
@@ -344,19 +353,17 @@ def run_sim(
         data_paths, train, test = _prepare_data(cfg, workdir, rng)
         model_spec = model_spec_for(cfg, train)
         profiles = make_profiles(cfg.profiles, cfg.clients, rng)
-        broker = None
+        broker: MosquittoBroker | EmbeddedBroker | None = None
         procs: list[tuple[subprocess.Popen[bytes], Path]] = []
         stop = threading.Event()
         coordinator_thread: threading.Thread | None = None
         failure: list[BaseException] = []
         try:
             if cfg.broker is None:
-                from edge.mosquitto import MosquittoBroker
-
-                broker = MosquittoBroker(workdir / "broker", persistence=False)
-                broker.start()
+                broker, description = _start_broker(cfg.broker_kind, workdir / "broker")
                 broker_url = broker.url
-                progress.status(f"mosquitto on {broker_url}")
+                logger.info("%s on %s", description, broker_url)
+                progress.status(f"{description} on {broker_url}")
             else:
                 broker_url = cfg.broker
             coordinator = build_coordinator(
@@ -405,6 +412,32 @@ def run_sim(
     return result
 
 
+def _start_broker(kind: str, workdir: Path) -> tuple[MosquittoBroker | EmbeddedBroker, str]:
+    """Start the private broker of ``kind`` (``auto``: mosquitto if installed, else amqtt).
+
+    Returns the started broker and a description of it for the progress output.
+    """
+    from edge.embedded_broker import EmbeddedBroker, EmbeddedBrokerError
+    from edge.mosquitto import BrokerError, MosquittoBroker, find_mosquitto
+
+    description = "mosquitto"
+    if kind == "auto":
+        try:
+            find_mosquitto()
+            kind = "mosquitto"
+        except BrokerError:
+            kind = "embedded"
+            description = "embedded amqtt broker (mosquitto not found)"
+    elif kind == "embedded":
+        description = "embedded amqtt broker"
+    try:
+        if kind == "mosquitto":
+            return MosquittoBroker(workdir, persistence=False).start(), description
+        return EmbeddedBroker(workdir).start(), description
+    except (BrokerError, EmbeddedBrokerError) as exc:
+        raise SimError(str(exc)) from exc
+
+
 def _validate(cfg: SimConfig) -> None:
     if cfg.clients < 1:
         raise SimError("--clients must be at least 1")
@@ -416,6 +449,10 @@ def _validate(cfg: SimConfig) -> None:
         raise SimError(f"--profiles must be one of {', '.join(PROFILE_MIXES)}")
     if cfg.trainer not in ("numpy", "litert"):
         raise SimError("--trainer must be numpy or litert")
+    if cfg.broker_kind not in BROKER_KINDS:
+        raise SimError(f"--broker-kind must be one of {', '.join(BROKER_KINDS)}")
+    if cfg.broker is not None and cfg.broker_kind != "auto":
+        raise SimError("--broker URL uses an existing broker; drop --broker-kind or --broker")
     if cfg.model.endswith(".tflite") and cfg.trainer != "litert":
         raise SimError("a .tflite model needs --trainer litert")
     from kernels.codec import parse_codec
@@ -482,6 +519,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-accuracy", type=float, default=d.target_accuracy)
     p.add_argument(
         "--broker", default=None, help="use this broker (mqtt://host:port) instead of starting one"
+    )
+    p.add_argument(
+        "--broker-kind",
+        default=d.broker_kind,
+        choices=BROKER_KINDS,
+        help="private broker to start: mosquitto, embedded (amqtt, MQTT 3.1.1) or auto "
+        "(mosquitto if installed, else embedded)",
     )
     p.add_argument("--workers", type=int, default=d.workers, help="device worker processes")
     p.add_argument(

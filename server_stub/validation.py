@@ -30,7 +30,6 @@ import numpy as np
 
 from edge.modelio import F32, LayoutError, ModelLayout, decode_update
 from edge.wire import KeyLookup, ModelUpdate, SignatureError, WireError
-from server_stub.aggregation import update_norm
 
 SCAFFOLD_DELTA_AUX = "aux/scaffold"
 """Name of the SCAFFOLD control-variate change Δc_i in an update (flat, length = model size)."""
@@ -155,7 +154,10 @@ class UpdateValidator:
             np.isfinite(v).all() for v in aux.values()
         ):
             return Rejected(RejectCode.NON_FINITE, "update contains NaN or infinity")
-        norm = update_norm(self._scratch)
+        # BLAS dot (float32, pairwise): precise enough for a bound and 40x faster than the
+        # float64 chunked update_norm; an overflow gives inf, which fails any bound.
+        with np.errstate(over="ignore"):
+            norm = float(np.sqrt(np.dot(self._scratch, self._scratch)))
         if self.max_update_norm is not None and norm > self.max_update_norm:
             return Rejected(
                 RejectCode.NORM_TOO_LARGE,

@@ -35,9 +35,10 @@ from edge.wire import (
     ModelManifest,
     ModelUpdate,
     NetInfo,
+    NetKind,
     Status,
-    Topics,
     TopicKind,
+    Topics,
     TrainInfo,
     TrainTask,
 )
@@ -59,7 +60,7 @@ def status(num_examples: int, *, battery: float | None = None) -> Status:
         battery=None if battery is None else BatteryInfo(battery, False),
         cpu=CpuInfo(0.1, 2, None),
         mem=MemInfo(512.0),
-        net=NetInfo("ethernet", False, 1.0),
+        net=NetInfo(NetKind.ETHERNET, False, 1.0),
         train=TrainInfo(num_examples, 2000.0),
         caps=Caps(("numpy",), ("raw", "block_i8", "zstd", "pipeline"), 0),
         agent="fedge-test/0",
@@ -74,8 +75,16 @@ class Device(threading.Thread):
     :meth:`kill_connection`, which makes the broker publish its Last Will.
     """
 
-    def __init__(self, url: str, cid: str, data: Dataset, *, seed: int, hang: bool = False,
-                 on_task: Callable[[Device], None] | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        cid: str,
+        data: Dataset,
+        *,
+        seed: int,
+        hang: bool = False,
+        on_task: Callable[[Device], None] | None = None,
+    ) -> None:
         super().__init__(name=f"device-{cid}", daemon=True)
         self.cid = cid
         self.data = data
@@ -143,20 +152,31 @@ class Device(threading.Thread):
         trainer.set_weights(weights)
         max_steps = task.train.extra.get("max_steps")
         fit = trainer.fit(
-            self.data.x, self.data.y, epochs=task.train.epochs,
-            batch_size=task.train.batch_size, lr=task.train.lr, rng=self.rng,
+            self.data.x,
+            self.data.y,
+            epochs=task.train.epochs,
+            batch_size=task.train.batch_size,
+            lr=task.train.lr,
+            rng=self.rng,
             max_steps=None if max_steps is None else int(max_steps),
         )
         new = trainer.get_weights()
         delta = {k: new[k] - weights[k] for k in new}
         specs, payloads = encode_update(delta, task.uplink_codec)
         update = ModelUpdate(
-            task_id=task.task_id, round_no=task.round_no, model_version=task.model_version,
-            cid=self.cid, num_examples=fit.num_examples, tensors=specs, payloads=payloads,
-            metrics={"loss": fit.loss}, nonce=task.nonce,
+            task_id=task.task_id,
+            round_no=task.round_no,
+            model_version=task.model_version,
+            cid=self.cid,
+            num_examples=fit.num_examples,
+            tensors=specs,
+            payloads=payloads,
+            metrics={"loss": fit.loss},
+            nonce=task.nonce,
         )
-        publish_chunked(self.transport, self.topics.update(self.cid), update.to_bytes(),
-                        chunk_size=16 * 1024)
+        publish_chunked(
+            self.transport, self.topics.update(self.cid), update.to_bytes(), chunk_size=16 * 1024
+        )
         self.sent += 1
 
     def close(self) -> None:
@@ -181,8 +201,13 @@ def make_config(url: str, db: Path, **rounds: Any) -> dict[str, Any]:
         "broker": {"url": url, "client_id": "coord-e2e"},
         "model": {"kind": "mlp", "input_dim": 64, "hidden": [32], "num_classes": 10},
         "strategy": {"name": "fedavg", "epochs": 2, "batch_size": 16, "lr": 0.1},
-        "rounds": {"clients_per_round": 3, "min_fraction": 0.5, "deadline_s": 30.0,
-                   "over_selection": 1.0, **rounds},
+        "rounds": {
+            "clients_per_round": 3,
+            "min_fraction": 0.5,
+            "deadline_s": 30.0,
+            "over_selection": 1.0,
+            **rounds,
+        },
         "uplink": {"codec": "int8"},
         "validation": {"max_update_norm": 100.0},
         "eligibility": {"min_battery_percent": 20.0},
@@ -218,8 +243,9 @@ def start_devices(url: str, data: list[Dataset], started: list[Device], **kw: An
     return out
 
 
-def run_coordinator(url: str, tmp_path: Path, rounds: int, test: Dataset,
-                    **round_settings: Any) -> tuple[list[dict[str, Any]], Store]:
+def run_coordinator(
+    url: str, tmp_path: Path, rounds: int, test: Dataset, **round_settings: Any
+) -> tuple[list[dict[str, Any]], Store]:
     # Prepare
     config = config_from_dict(make_config(url, tmp_path / "state.db", **round_settings))
     layout = ModelLayout.of(init_weights(SPEC, np.random.default_rng(0)))
@@ -228,9 +254,13 @@ def run_coordinator(url: str, tmp_path: Path, rounds: int, test: Dataset,
     store = Store(tmp_path / "state.db")
     records: list[dict[str, Any]] = []
     coordinator = Coordinator(
-        config, transport, store, layout=layout,
+        config,
+        transport,
+        store,
+        layout=layout,
         initial_weights=init_weights(SPEC, np.random.default_rng(0)),
-        evaluate=evaluator(test), on_round=records.append,
+        evaluate=evaluator(test),
+        on_round=records.append,
     )
     # Execute
     coordinator.run(threading.Event(), max_rounds=rounds)
@@ -309,9 +339,9 @@ def test_sigkill_mid_round_resumes_and_counts_each_update_once(
     cmd = [sys.executable, "-m", "server_stub", "--config", str(cfg_path)]
 
     def kill_once(device: Device) -> None:
-        # Kill the coordinator when the third task of the run arrives at some device: the
-        # coordinator is then in the middle of round 2 or 3.
-        if sum(len(d.tasks) for d in devices) >= 7 and not killed.is_set():
+        # Runs in the device thread before it trains: when the second task of round 2
+        # arrives, round 2 is open (its tasks are in the store) and cannot have finished.
+        if sum(len(d.tasks) for d in devices) >= 5 and not killed.is_set():
             killed.set()
             os.kill(proc.pid, signal.SIGKILL)
 
@@ -324,6 +354,7 @@ def test_sigkill_mid_round_resumes_and_counts_each_update_once(
         assert killed.is_set(), proc.stderr.read().decode() if proc.stderr else ""
         proc2 = subprocess.run(cmd, env=env, capture_output=True, timeout=90, check=False)
         assert proc2.returncode == 0, proc2.stderr.decode()[-3000:]
+        assert b"resuming open round 2" in proc2.stderr
     finally:
         if proc.poll() is None:
             proc.kill()

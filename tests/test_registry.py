@@ -2,19 +2,40 @@
 
 from __future__ import annotations
 
-from edge.wire import BatteryInfo, Caps, CpuInfo, Declined, MemInfo, NetInfo, Status, TrainInfo
+from edge.wire import (
+    BatteryInfo,
+    Caps,
+    CpuInfo,
+    Declined,
+    MemInfo,
+    NetInfo,
+    NetKind,
+    Status,
+    TrainInfo,
+)
 from server_stub.devices import EligibilityRules, Ineligible
 from server_stub.registry import Registry
 
 
-def status(*, battery: float | None = 80.0, charging: bool = False, metered: bool = False,
-           declined: Declined | None = None, sps: float | None = 100.0) -> Status:
+def status(
+    *,
+    battery: float | None = 80.0,
+    charging: bool = False,
+    metered: bool = False,
+    declined: Declined | None = None,
+    sps: float | None = 100.0,
+) -> Status:
     return Status(
-        online=True, ts=1.0,
+        online=True,
+        ts=1.0,
         battery=None if battery is None else BatteryInfo(battery, charging),
-        cpu=CpuInfo(0.5, 4, 50.0), mem=MemInfo(300.0),
-        net=NetInfo("wifi", metered, 12.0), train=TrainInfo(120, sps),
-        caps=Caps(("numpy",), ("block_i8",), 0), agent="fedge/0.1", state="idle",
+        cpu=CpuInfo(0.5, 4, 50.0),
+        mem=MemInfo(300.0),
+        net=NetInfo(NetKind.WIFI, metered, 12.0),
+        train=TrainInfo(120, sps),
+        caps=Caps(("numpy",), ("block_i8",), 0),
+        agent="fedge/0.1",
+        state="idle",
         declined=declined,
     )
 
@@ -30,7 +51,11 @@ def test_status_fills_the_view() -> None:
     assert change.online and change.ineligible is None
     assert view is not None
     assert (view.battery_percent, view.num_examples, view.samples_per_s, view.rtt_ms) == (
-        80.0, 120, 100.0, 12.0)
+        80.0,
+        120,
+        100.0,
+        12.0,
+    )
     assert view.caps.codecs == frozenset({"block_i8"})
 
 

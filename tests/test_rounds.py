@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -35,9 +37,15 @@ def views(*cids: str, sps: float | None = None) -> tuple[DeviceView, ...]:
     return tuple(DeviceView(cid, last_seen=0.0, samples_per_s=sps) for cid in cids)
 
 
-def machine(**kw: object) -> RoundMachine:
-    settings = RoundSettings(**{"clients_per_round": 2, "over_selection": 1.0,
-                                "deadline_s": 10.0, "min_fraction": 0.5, **kw})  # type: ignore[arg-type]
+def machine(**kw: Any) -> RoundMachine:
+    args: dict[str, Any] = {
+        "clients_per_round": 2,
+        "over_selection": 1.0,
+        "deadline_s": 10.0,
+        "min_fraction": 0.5,
+        **kw,
+    }
+    settings = RoundSettings(**args)
     return RoundMachine(settings, RandomSelector(), np.random.default_rng(0))
 
 
@@ -45,7 +53,9 @@ def tasks(commands: list[Command]) -> list[SendTask]:
     return [c for c in commands if isinstance(c, SendTask)]
 
 
-def started(m: RoundMachine, pool: tuple[DeviceView, ...] = views("a", "b", "c")) -> dict[str, SendTask]:
+def started(
+    m: RoundMachine, pool: tuple[DeviceView, ...] = views("a", "b", "c")
+) -> dict[str, SendTask]:
     out = m.handle(Tick(0.0, pool))
     return {t.task.cid: t for t in tasks(out)}
 
@@ -57,11 +67,18 @@ def fold(m: RoundMachine, send: SendTask, now: float = 1.0, ready: bool = False)
     return m.handle(UpdateFolded(t.task_id, ready=ready))
 
 
-def receive(m: RoundMachine, send: SendTask, now: float = 1.0, **over: object) -> list[Command]:
+def receive(m: RoundMachine, send: SendTask, now: float = 1.0, **over: Any) -> list[Command]:
     t = send.task
-    fields = {"cid": t.cid, "task_id": t.task_id, "round_no": t.round_no,
-              "model_version": t.model_version, "nonce": t.nonce, "now": now, **over}
-    return m.handle(UpdateReceived(**fields))  # type: ignore[arg-type]
+    fields = {
+        "cid": t.cid,
+        "task_id": t.task_id,
+        "round_no": t.round_no,
+        "model_version": t.model_version,
+        "nonce": t.nonce,
+        "now": now,
+        **over,
+    }
+    return m.handle(UpdateReceived(**fields))
 
 
 def test_idle_tick_without_enough_devices_waits() -> None:
@@ -131,11 +148,15 @@ def test_aggregation_failed_returns_to_idle() -> None:
         ({"now": 11.0}, "late"),
     ],
 )
-def test_update_checks(over: dict[str, object], reason: str) -> None:
+def test_update_checks(over: dict[str, Any], reason: str) -> None:
     m = machine()
     send = next(iter(started(m).values()))
     out = receive(m, send, **over)
-    assert out == [RejectUpdate(str(over.get("cid", send.task.cid)), str(over.get("task_id", send.task.task_id)), reason)]
+    assert out == [
+        RejectUpdate(
+            str(over.get("cid", send.task.cid)), str(over.get("task_id", send.task.task_id)), reason
+        )
+    ]
     assert m.stats.rejected[reason] == 1
 
 
@@ -213,14 +234,17 @@ def test_version_must_advance() -> None:
         m.handle(AggregationDone(0, 1.0))
 
 
-@pytest.mark.parametrize(("reason", "declined"), [("offline", False), ("low_battery", False),
-                                                  ("metered", False), ("declined:busy", True)])
+@pytest.mark.parametrize(
+    ("reason", "declined"),
+    [("offline", False), ("low_battery", False), ("metered", False), ("declined:busy", True)],
+)
 def test_ineligible_device_dropped_and_replaced(reason: str, declined: bool) -> None:
     m = machine()
     sent = started(m, views("a", "b"))
     victim = next(iter(sent))
-    out = m.handle(DeviceUnavailable(victim, reason, 1.0, declined=declined,
-                                     task_id=sent[victim].task.task_id))
+    out = m.handle(
+        DeviceUnavailable(victim, reason, 1.0, declined=declined, task_id=sent[victim].task.task_id)
+    )
     assert out == [DropDevice(victim, sent[victim].task.task_id, reason, declined=declined)]
     assert (m.stats.dropped, m.stats.declined) == (1, int(declined))
     replacement = tasks(m.handle(Tick(1.5, views("c"))))
@@ -256,8 +280,9 @@ def test_everyone_dropped_before_quorum_abandons_at_once() -> None:
 def test_decline_of_another_task_is_ignored() -> None:
     m = machine()
     sent = started(m, views("a", "b"))
-    assert m.handle(DeviceUnavailable("a", "declined:busy", 1.0, declined=True,
-                                      task_id="old")) == []
+    assert (
+        m.handle(DeviceUnavailable("a", "declined:busy", 1.0, declined=True, task_id="old")) == []
+    )
     assert "a" in m.outstanding and sent
 
 

@@ -12,9 +12,12 @@ from server_stub.store import Store, StoreError
 
 def checkpoint(store: Store, version: int, accepted: list[tuple[str, str]]) -> None:
     store.checkpoint(
-        version=version, round_no=version, envelope=b"model%d" % version,
+        version=version,
+        round_no=version,
+        envelope=b"model%d" % version,
         state={"m": np.full(3, version, np.float32)},
-        record={"round": version, "participants": len(accepted)}, accepted=accepted,
+        record={"round": version, "participants": len(accepted)},
+        accepted=accepted,
     )
 
 

@@ -20,8 +20,14 @@ def delta(scale: float = 0.1) -> dict[str, np.ndarray]:
     return {n: (rng.standard_normal(s) * scale).astype(np.float32) for n, s in LAYOUT.entries}
 
 
-def make_update(d: dict[str, np.ndarray] | None = None, *, codec: str = "raw", cid: str = "a",
-                num_examples: int = 10, aux: dict[str, np.ndarray] | None = None) -> ModelUpdate:
+def make_update(
+    d: dict[str, np.ndarray] | None = None,
+    *,
+    codec: str = "raw",
+    cid: str = "a",
+    num_examples: int = 10,
+    aux: dict[str, np.ndarray] | None = None,
+) -> ModelUpdate:
     specs, payloads = encode_update(d if d is not None else delta(), {"id": codec}, aux=aux)
     return ModelUpdate("t1", 1, 0, cid, num_examples, specs, payloads, nonce="n")
 
@@ -104,14 +110,16 @@ def test_non_finite_aux() -> None:
 
 def test_norm_bound() -> None:
     assert reason(validator(max_update_norm=1e-3).decode(make_update())) is (
-        RejectCode.NORM_TOO_LARGE)
+        RejectCode.NORM_TOO_LARGE
+    )
 
 
 @pytest.mark.parametrize(("num", "limit"), [(0, None), (11, 10)])
 def test_bad_num_examples(num: int, limit: int | None) -> None:
     v = validator()
     assert reason(v.decode(make_update(num_examples=num), max_examples=limit)) is (
-        RejectCode.BAD_NUM_EXAMPLES)
+        RejectCode.BAD_NUM_EXAMPLES
+    )
 
 
 def test_block_i8_update_accepted() -> None:
@@ -139,9 +147,12 @@ def test_mutated_envelopes_never_crash(data: st.DataObject) -> None:
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.tuples(st.text(min_size=1, max_size=8), st.lists(st.integers(0, 5),
-                                                                       max_size=3)),
-                max_size=4))
+@given(
+    st.lists(
+        st.tuples(st.text(min_size=1, max_size=8), st.lists(st.integers(0, 5), max_size=3)),
+        max_size=4,
+    )
+)
 def test_arbitrary_tensor_lists_never_crash(tensors: list[tuple[str, list[int]]]) -> None:
     names = {n for n, _ in tensors}
     if len(names) != len(tensors):

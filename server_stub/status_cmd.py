@@ -1,0 +1,113 @@
+"""``fedge status``: print the fleet as a table from the retained status topics.
+
+Connects, collects retained ``clients/+/status`` messages for ``--wait`` seconds (1 s by
+default), prints one row per device (rich table; plain text when rich is missing) and exits.
+Offline devices (Last Will) keep the telemetry of their last online status when one was seen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+from edge.transport import Transport
+from edge.wire import Status, TopicKind, Topics, WireError
+
+
+def collect(transport: Transport, fleet: str, wait_s: float) -> dict[str, Status]:
+    """Subscribe to every status of ``fleet`` and return the latest per cid after ``wait_s``."""
+    topics = Topics(fleet)
+    transport.subscribe(topics.all_status())
+    out: dict[str, Status] = {}
+    end = time.monotonic() + wait_s
+    while (left := end - time.monotonic()) > 0:
+        msg = transport.receive(left)
+        if msg is None or not msg.payload:
+            continue
+        try:
+            kind, cid = topics.parse(msg.topic)
+            status = Status.from_bytes(msg.payload)
+        except WireError:
+            continue
+        if kind is TopicKind.STATUS and cid is not None:
+            out[cid] = status
+    return out
+
+
+def rows(statuses: dict[str, Status]) -> list[list[str]]:
+    """Table rows: cid, online, battery, net, examples, samples/s, state, agent."""
+    table = []
+    for cid in sorted(statuses):
+        s = statuses[cid]
+        battery = (
+            "-"
+            if s.battery is None
+            else (f"{s.battery.percent:.0f}%{' +' if s.battery.charging else ''}")
+        )
+        net = "-" if s.net is None else (f"{s.net.kind.value}{' metered' if s.net.metered else ''}")
+        examples = "-" if s.train is None else str(s.train.num_examples)
+        speed = (
+            "-"
+            if s.train is None or s.train.samples_per_s is None
+            else (f"{s.train.samples_per_s:.0f}")
+        )
+        table.append(
+            [
+                cid,
+                "yes" if s.online else "no",
+                battery,
+                net,
+                examples,
+                speed,
+                s.state or "-",
+                s.agent or "-",
+            ]
+        )
+    return table
+
+
+HEADERS = ["device", "online", "battery", "network", "examples", "samples/s", "state", "agent"]
+
+
+def render(table: list[list[str]]) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # pragma: no cover - rich is in fedge[server]
+        print("\t".join(HEADERS))
+        for row in table:
+            print("\t".join(row))
+        return
+    t = Table(title=f"{len(table)} device(s)")
+    for h in HEADERS:
+        t.add_column(h)
+    for row in table:
+        t.add_row(*row)
+    Console().print(t)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedge status", description=__doc__)
+    parser.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="mqtt[s]:// URL")
+    parser.add_argument("--fleet", default="default")
+    parser.add_argument("--wait", type=float, default=1.0, help="seconds to collect statuses")
+    args = parser.parse_args(argv)
+    from edge.mqtt_transport import connect_url
+    from edge.transport import TransportError
+
+    try:
+        transport = connect_url(args.broker, client_id="")
+    except (TransportError, ValueError) as exc:
+        print(f"fedge status: {exc}", file=sys.stderr)
+        return 1
+    try:
+        statuses = collect(transport, args.fleet, args.wait)
+    finally:
+        transport.close()
+    render(rows(statuses))
+    return 0
+
+
+__all__ = ["collect", "main", "rows"]
