@@ -3,7 +3,7 @@
 ``metrics.json`` is ``{"config": {...}, "rounds": [...], "totals": {...}}``;
 each round carries the fields in :data:`ROUND_FIELDS` (a user-facing contract:
 extend, never rename). ``curves.png`` plots accuracy against round and against
-megabytes sent, one line per run when several runs are compared.
+the megabytes the devices sent, one line per run when several runs are compared.
 """
 
 from __future__ import annotations
@@ -88,7 +88,11 @@ def write_metrics(
 
 
 def plot_curves(path: Path, runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
-    """Plot accuracy against round and against megabytes sent (uplink + downlink)."""
+    """Plot accuracy against round and against the megabytes the devices sent (uplink).
+
+    The uplink is what the codecs change (the downlink is the same float32 model in
+    every run), so it is the axis that compares codecs; it is logarithmic past 0.1 MB.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,13 +105,14 @@ def plot_curves(path: Path, runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> 
         ys = [100 * r["accuracy"] for r in pts]
         mb, cum = [], 0.0
         for r in rounds:
-            cum += (int(r.get("bytes_up", 0)) + int(r.get("bytes_down", 0))) / 1e6
+            cum += int(r.get("bytes_up", 0)) / 1e6
             if r.get("accuracy") is not None:
                 mb.append(cum)
         ax_round.plot(xs, ys, marker=".", label=label)
         ax_mb.plot(mb, ys, marker=".", label=label)
     ax_round.set_xlabel("round")
-    ax_mb.set_xlabel("megabytes sent (up + down)")
+    ax_mb.set_xlabel("megabytes sent by the devices (uplink, cumulative)")
+    ax_mb.set_xscale("symlog", linthresh=0.1)
     for ax in (ax_round, ax_mb):
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
