@@ -19,6 +19,9 @@ BENCHMARKS = {
     "agent": "edge.bench_agent",
     "ingest": "server_stub.bench_ingest",
     "fl": "server_stub.bench_fl",
+    "scale": "server_stub.bench_scale",
+    "poison": "server_stub.bench_poison",
+    "soak": "server_stub.bench_soak",
 }
 """Benchmark name -> module with ``main(argv) -> int`` (imported only when asked for)."""
 
