@@ -39,7 +39,7 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING, Final, TypeAlias
@@ -59,6 +59,7 @@ from edge.eligibility import (
 from edge.modelio import (
     AUX_PREFIX,
     F32,
+    RAW,
     LayoutError,
     ModelLayout,
     encode_update,
@@ -76,6 +77,7 @@ from edge.wire import (
     ModelManifest,
     ModelUpdate,
     Status,
+    TensorSpec,
     TopicKind,
     Topics,
     TrainTask,
@@ -99,6 +101,7 @@ __all__ = [
     "AgentState",
     "AgentStats",
     "StatusRelay",
+    "UpdateHook",
     "connect_agent_transport",
     "offline_will",
     "run_agent",
@@ -556,6 +559,27 @@ class AgentMachine:
 # --------------------------------------------------------------------------- runner
 
 
+def _encode_raw_unchecked(
+    delta: Mapping[str, F32], aux: Mapping[str, F32] | None
+) -> tuple[tuple[TensorSpec, ...], tuple[bytes, ...]]:
+    """Encode tensors as ``raw`` little-endian float32 without the finiteness check.
+
+    Only for :attr:`AgentOptions.update_hook` (simulated NaN attacks): a real agent never
+    sends a non-finite update.
+    """
+    specs: list[TensorSpec] = []
+    payloads: list[bytes] = []
+    for name, arr in {**delta, **(aux or {})}.items():
+        shape = tuple(arr.shape) if not name.startswith(AUX_PREFIX) else (int(arr.size),)
+        specs.append(TensorSpec(name, shape, dict(RAW)))
+        payloads.append(np.ascontiguousarray(arr, dtype="<f4").tobytes())
+    return tuple(specs), tuple(payloads)
+
+
+UpdateHook: TypeAlias = Callable[[Mapping[str, F32]], Mapping[str, F32]]
+"""Maps an update (tensor name -> ``new - global``) to the one actually sent (testing only)."""
+
+
 @dataclass(frozen=True, slots=True)
 class AgentOptions:
     """What the runner needs besides its collaborators (built from ``AgentConfig`` or the sim)."""
@@ -585,6 +609,12 @@ class AgentOptions:
     """Read telemetry at most this often during training (0: before every batch)."""
     cache_model: bool = True
     """Keep the verified model on disk so a restarted agent skips the download."""
+    update_hook: UpdateHook | None = field(default=None, repr=False, compare=False)
+    """Simulation and testing only: transform the update (``new - global``) before encoding.
+
+    ``fedge sim`` sets it on malicious devices (``edge.attacks``); ``fedge agent`` never does.
+    A hook that returns non-finite values makes the agent send the update raw, bypassing the
+    codec's refusal, so the coordinator's ``non_finite`` rejection can be exercised."""
 
     def __post_init__(self) -> None:
         if self.heartbeat_s <= 0 or self.poll_s <= 0:
@@ -605,8 +635,12 @@ class AgentStats:
     models_loaded: int = 0
     models_corrupt: int = 0
     bad_messages: int = 0
+    """Messages rejected (the sum of :attr:`rejected`)."""
     declined: Counter[str] = field(default_factory=Counter)
     """Declines by reason."""
+    rejected: Counter[str] = field(default_factory=Counter)
+    """Rejected messages by reason: ``bad_topic``, ``bad_task``, ``bad_manifest``,
+    ``bad_chunk`` (malformed, inconsistent or over the model budget)."""
 
 
 class StatusRelay:
@@ -733,7 +767,9 @@ class AgentRunner:
         self._manifest: ModelManifest | None = None
         self._envelopes: dict[int, bytes] = {}
         self._download_epoch = 0
-        self._reassembler = Reassembler(options.max_model_bytes, options.model_timeout_s)
+        self._reassembler = Reassembler(
+            options.max_model_bytes, options.model_timeout_s, charge_overhead=True
+        )
         self._prepared: _PreparedUpdate | None = None
         self._residuals: dict[str, F32] | None = None
         self._abort_reason: str | None = None
@@ -800,7 +836,7 @@ class AgentRunner:
         try:
             kind, _cid = self.topics.parse(msg.topic)
         except WireError:
-            self.stats.bad_messages += 1
+            self._count_rejected("bad_topic")
             return
         if not msg.payload:  # a cleared retained message
             return
@@ -814,10 +850,22 @@ class AgentRunner:
             elif kind is TopicKind.MODEL_CHUNK:
                 self._on_chunk(msg.topic, msg.payload)
         except (WireError, ChunkError) as exc:
-            self.stats.bad_messages += 1
+            reason = {
+                TopicKind.TASK: "bad_task",
+                TopicKind.MODEL_MANIFEST: "bad_manifest",
+            }.get(kind, "bad_chunk")
+            self._count_rejected(reason)
+            text = str(exc)
+            if len(text) > 300:  # one bad message must not flood the log
+                text = f"{text[:300]}... ({len(text)} characters)"
             log.warning(
-                "agent %s: ignoring a bad message on %s: %s", self.options.cid, msg.topic, exc
-            )
+                "agent %s: ignoring a bad message on %s (%s): %s",
+                self.options.cid, msg.topic, reason, text,
+            )  # fmt: skip
+
+    def _count_rejected(self, reason: str) -> None:
+        self.stats.rejected[reason] += 1
+        self.stats.bad_messages += 1
 
     def _on_manifest(self, manifest: ModelManifest) -> None:
         have = self.model.manifest if self.model is not None else None
@@ -970,8 +1018,12 @@ class AgentRunner:
     def _should_stop(self, task: TrainTask) -> bool:
         # Polled before every batch: play a slow CPU, keep the heartbeat, check the rules.
         factor = self.telemetry.speed_factor
-        if factor < 1.0 and self._last_batch is not None:
-            self.stop.wait((self.perf() - self._last_batch) * (1.0 / factor - 1.0))
+        if self._last_batch is not None:
+            took = self.perf() - self._last_batch
+            wait = took * (1.0 / factor - 1.0) if factor < 1.0 else 0.0
+            wait = max(wait, self.telemetry.min_batch_s - took)
+            if wait > 0:
+                self.stop.wait(wait)
         self._last_batch = self.perf()
         if self.stop.is_set():
             self._abort_reason = "shutting_down"
@@ -1053,6 +1105,10 @@ class AgentRunner:
     ) -> _PreparedUpdate:
         new = self.trainer.get_weights()
         delta = {name: new[name] - model.weights[name] for name in self.layout.names}
+        hook = self.options.update_hook
+        if hook is not None:  # simulation/testing only (AgentOptions.update_hook)
+            delta = dict(hook(delta))
+            self.layout.check_weights(delta)
         config = seeded_codec_config(task.uplink_codec, task.nonce)
         codec = get_codec(config)
         feedback: dict[str, ErrorFeedback] | None = None
@@ -1066,7 +1122,13 @@ class AgentRunner:
         if control is not None:
             assert result.control_delta is not None
             aux = {SCAFFOLD_DELTA: self.layout.flatten(result.control_delta)}
-        specs, payloads = encode_update(delta, config, feedback=feedback, aux=aux)
+        if hook is not None and not all(np.isfinite(t).all() for t in delta.values()):
+            # A poisoned simulated device: send the non-finite values raw so they reach the
+            # coordinator's non_finite check (every codec, raw included, refuses to encode them).
+            specs, payloads = _encode_raw_unchecked(delta, aux)
+            feedback = None
+        else:
+            specs, payloads = encode_update(delta, config, feedback=feedback, aux=aux)
         metrics = {
             "num_steps": float(result.num_steps),
             "samples_per_s": float(result.samples_per_s),

@@ -36,6 +36,13 @@ DEFAULT_CHUNK_SIZE: Final = 256 * 1024
 """Default chunk size in bytes, header included: well under Mosquitto 2.1's 2,000,000-byte
 ``max_packet_size`` default and comfortable for a Raspberry Pi's socket buffers."""
 MAX_CHUNK_COUNT: Final = 1 << 24
+TRANSFER_OVERHEAD: Final = 1024
+"""Bytes a pending transfer's bookkeeping costs, charged against a :class:`Reassembler`'s
+budget when it is built with ``charge_overhead=True``."""
+CHUNK_OVERHEAD: Final = 128
+"""Bytes one held chunk's bookkeeping costs (dict slot, ``bytes`` object), charged per declared
+chunk with ``charge_overhead=True``: otherwise millions of empty chunks of one transfer hold
+gigabytes while reserving only its ``total_len``."""
 
 
 def new_transfer_id() -> bytes:
@@ -138,6 +145,8 @@ class _Transfer:
     count: int
     total_len: int
     last_seen: float
+    cost: int
+    """Bytes reserved against the budget (``total_len``, plus bookkeeping if charged)."""
     parts: dict[int, bytes] = field(default_factory=dict)
     received: int = 0
 
@@ -162,6 +171,10 @@ class Reassembler:
     ``max_bytes_per_source`` (default ``max_bytes``) stops one sender (e.g. one
     device id) from taking the whole budget. A transfer that sees no chunk for
     ``timeout_s`` is dropped by :meth:`expire`, which :meth:`feed` also calls.
+
+    With ``charge_overhead`` (what a receiver of untrusted input should use) a transfer
+    reserves ``total_len + TRANSFER_OVERHEAD + count * CHUNK_OVERHEAD``, so the budget
+    bounds the memory really held, bookkeeping included, whatever the sender declares.
     """
 
     def __init__(
@@ -171,6 +184,7 @@ class Reassembler:
         *,
         max_bytes_per_source: int | None = None,
         remember_completed: int = 4096,
+        charge_overhead: bool = False,
     ) -> None:
         if max_bytes < 0 or timeout_s <= 0:
             raise ValueError("max_bytes must be >= 0 and timeout_s > 0")
@@ -185,6 +199,7 @@ class Reassembler:
         self._reserved_by_source: dict[str, int] = {}
         self._completed: OrderedDict[tuple[str, bytes], float] = OrderedDict()
         self._remember = remember_completed
+        self._charge_overhead = charge_overhead
 
     @property
     def reserved_bytes(self) -> int:
@@ -266,26 +281,29 @@ class Reassembler:
     def _open(self, key: tuple[str, bytes], header: ChunkHeader, now: float) -> _Transfer:
         source = key[0]
         used = self._reserved_by_source.get(source, 0)
-        if self._reserved + header.total_len > self.max_bytes:
+        cost = header.total_len
+        if self._charge_overhead:
+            cost += TRANSFER_OVERHEAD + header.count * CHUNK_OVERHEAD
+        if self._reserved + cost > self.max_bytes:
             self._reject(
-                f"transfer of {header.total_len} bytes does not fit: {self._reserved} of "
-                f"{self.max_bytes} bytes already reserved"
+                f"transfer of {header.total_len} bytes ({cost} reserved) does not fit: "
+                f"{self._reserved} of {self.max_bytes} bytes already reserved"
             )
-        if used + header.total_len > self.max_bytes_per_source:
+        if used + cost > self.max_bytes_per_source:
             self._reject(
-                f"transfer of {header.total_len} bytes from {source!r} exceeds its "
-                f"{self.max_bytes_per_source}-byte budget ({used} in use)"
+                f"transfer of {header.total_len} bytes ({cost} reserved) from {source!r} "
+                f"exceeds its {self.max_bytes_per_source}-byte budget ({used} in use)"
             )
-        transfer = _Transfer(header.count, header.total_len, now)
+        transfer = _Transfer(header.count, header.total_len, now, cost=cost)
         self._pending[key] = transfer
-        self._reserved += header.total_len
-        self._reserved_by_source[source] = used + header.total_len
+        self._reserved += cost
+        self._reserved_by_source[source] = used + cost
         return transfer
 
     def _drop(self, key: tuple[str, bytes]) -> None:
         transfer = self._pending.pop(key)
-        self._reserved -= transfer.total_len
-        left = self._reserved_by_source[key[0]] - transfer.total_len
+        self._reserved -= transfer.cost
+        left = self._reserved_by_source[key[0]] - transfer.cost
         if left:
             self._reserved_by_source[key[0]] = left
         else:

@@ -19,6 +19,7 @@ BENCHMARKS = {
     "agent": "edge.bench_agent",
     "ingest": "server_stub.bench_ingest",
     "fl": "server_stub.bench_fl",
+    "fuzz": "server_stub.bench_fuzz",
     "scale": "server_stub.bench_scale",
     "poison": "server_stub.bench_poison",
     "soak": "server_stub.bench_soak",

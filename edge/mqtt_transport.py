@@ -11,17 +11,25 @@ This is the only module of fedge that imports paho. Rules:
 - After every (re)connect the transport re-subscribes and publishes what
   ``on_connect_publish()`` returns (the device's status), because the broker
   may have lost the session or published the Last Will meanwhile.
-- Received messages go into a bounded queue. When it is full, the network
-  thread waits (QoS-1 PUBACKs are held back, so the broker slows down) instead
-  of dropping messages.
+- Received messages go into a queue bounded in messages and bytes. The network
+  thread never blocks on it (a blocked network thread stops reading PUBACKs, and
+  a ``publish`` waiting for its acknowledgement would deadlock). Back-pressure
+  instead: messages are acknowledged manually, and while the queue is over its
+  bound the PUBACKs of incoming QoS-1 messages are held back until ``receive``
+  drains it, so the broker stops sending once its in-flight window is full and
+  keeps the rest. The queue can exceed its bound by at most that window. A QoS-0
+  message that arrives while the queue is full is dropped, logged and counted
+  (``dropped_qos0``); QoS 0 promises nothing more. Held acknowledgements die
+  with their connection: the broker redelivers those messages after a reconnect
+  (QoS 1 is at-least-once; receivers already drop duplicates).
 - Passwords are never logged and never appear in ``repr``.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
-import queue
 import random
 import socket
 import ssl
@@ -93,7 +101,9 @@ class MqttSettings:
     publish_timeout_s: float = 30.0
     """How long ``publish`` waits for the PUBACK (it survives reconnects meanwhile)."""
     max_queue: int = 10_000
-    """Received messages buffered before the network thread waits for ``receive``."""
+    """Received messages buffered before acknowledgements are held back (back-pressure)."""
+    max_queue_bytes: int = 64 * 2**20
+    """Payload bytes buffered before acknowledgements are held back (back-pressure)."""
 
     def __post_init__(self) -> None:
         if self.protocol not in ("5", "3.1.1"):
@@ -109,6 +119,8 @@ class MqttSettings:
             raise ValueError("certfile and keyfile go together (mutual TLS)")
         if self.password is not None and self.username is None:
             raise ValueError("a password needs a username")
+        if self.max_queue < 1 or self.max_queue_bytes < 1:
+            raise ValueError("max_queue and max_queue_bytes must be >= 1")
 
     @property
     def url(self) -> str:
@@ -166,6 +178,10 @@ class MqttSettings:
         return cls(**kwargs)
 
 
+def _network_thread_writes(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    """paho's ``on_socket_register_write``: nothing to do, the network loop writes (see above)."""
+
+
 def _reason_value(rc: ReasonCode | int) -> int:
     return rc.value if isinstance(rc, ReasonCode) else int(rc)
 
@@ -211,7 +227,17 @@ class MqttTransport:
         self._subacks: dict[int, list[ReasonCode]] = {}
         self._ignored_mids: set[int] = set()
         self._subscriptions: dict[str, int] = {}
-        self._queue: queue.Queue[Message] = queue.Queue(maxsize=settings.max_queue)
+        self._inbox: collections.deque[Message] = collections.deque()
+        self._inbox_bytes = 0
+        self._inbox_cond = threading.Condition()
+        self._held_acks: list[tuple[int, int]] = []
+        """(mid, qos) of received messages not yet acknowledged (queue over its bound)."""
+        self._generation = 0
+        """Bumped on every disconnect: held acknowledgements belong to one connection."""
+        self.acks_held = 0
+        """QoS-1 acknowledgements held back because the receive queue was full."""
+        self.dropped_qos0 = 0
+        """QoS-0 messages dropped because the receive queue was full."""
         self._connected = threading.Event()
         self._closing = threading.Event()
         self._closed = False
@@ -229,6 +255,7 @@ class MqttTransport:
             if self._v5
             else (settings.clean_start or settings.session_expiry_s == 0),
             reconnect_on_failure=False,
+            manual_ack=True,  # see _on_message: back-pressure without blocking this thread
         )
         client.connect_timeout = settings.connect_timeout_s
         client.max_inflight_messages_set(settings.max_inflight)
@@ -251,6 +278,12 @@ class MqttTransport:
             validate_topic(will.topic)
             client.will_set(will.topic, will.payload, will.qos, will.retain)
         client.on_socket_open = self._on_socket_open
+        # Only the network thread may touch the socket. paho writes a packet from the caller's
+        # thread when it sees no loop_start() thread (ours runs loop_forever itself); with TLS
+        # that is an SSL_write racing the network thread's SSL_read on one SSL object, which
+        # broke connections ("unexpected eof"). A write-registration callback makes paho queue
+        # the packet and wake the network thread instead (see _run for the wake-up pipe).
+        client.on_socket_register_write = _network_thread_writes
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
@@ -379,13 +412,31 @@ class MqttTransport:
             self._subscriptions[topic_filter] = qos
 
     def receive(self, timeout: float) -> Message | None:
-        """Next message, or None after ``timeout`` s; TransportClosed once closed and drained."""
-        if self._closed and self._queue.empty():
-            raise TransportClosed("transport is closed")
-        try:
-            return self._queue.get(timeout=max(0.0, timeout))
-        except queue.Empty:
-            return None
+        """Next message, or None after ``timeout`` s; TransportClosed once closed and drained.
+
+        Taking a message out may bring the queue back under its bound, which releases the
+        acknowledgements held back meanwhile (the broker then sends more).
+        """
+        with self._inbox_cond:
+            if self._closed and not self._inbox:
+                raise TransportClosed("transport is closed")
+            if not self._inbox:
+                self._inbox_cond.wait_for(
+                    lambda: bool(self._inbox) or self._closed, max(0.0, timeout)
+                )
+            if not self._inbox:
+                return None
+            item = self._inbox.popleft()
+            self._inbox_bytes -= len(item.payload)
+            release: list[tuple[int, int]] = []
+            if self._held_acks and not self._inbox_full():
+                release, self._held_acks = self._held_acks, []
+            generation = self._generation
+        for mid, qos in release:
+            if generation != self._generation:
+                break  # the connection dropped meanwhile: the broker redelivers these
+            self._client.ack(mid, qos)
+        return item
 
     def close(self) -> None:
         """Send DISCONNECT (the broker discards the Last Will) and stop the network thread."""
@@ -403,6 +454,29 @@ class MqttTransport:
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+
+    def abort(self) -> None:
+        """Fault injection: die like a crashed process.
+
+        The TCP connection is cut without a DISCONNECT (the broker publishes the Last
+        Will and keeps a persistent session), nothing reconnects, and every later call
+        raises :class:`~edge.transport.TransportClosed` once the queue is drained.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._closing.set()
+        self.simulate_connection_loss()
+        if threading.current_thread() is not self._thread and self._thread.is_alive():
+            self._thread.join(timeout=5.0)
+        with self._inbox_cond:  # a crashed process loses what it held
+            self._inbox.clear()
+            self._inbox_bytes = 0
+            self._held_acks = []
+            self._inbox_cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+        log.info("aborted the connection to %s (fault injection)", self.settings.url)
 
     def __enter__(self) -> MqttTransport:
         return self
@@ -427,6 +501,14 @@ class MqttTransport:
             self._thread.join(timeout=5.0)
         with self._cond:
             self._cond.notify_all()
+        with self._inbox_cond:
+            self._inbox_cond.notify_all()
+
+    def _inbox_full(self) -> bool:
+        return (
+            len(self._inbox) >= self.settings.max_queue
+            or self._inbox_bytes >= self.settings.max_queue_bytes
+        )
 
     def _subscribe_wait(self, topic_filter: str, qos: int, deadline: float) -> list[ReasonCode]:
         result, mid = self._send_subscribe(topic_filter, qos, retain_if_new_only=False)
@@ -467,6 +549,10 @@ class MqttTransport:
     def _run(self) -> None:
         while not self._closing.is_set():
             try:
+                # loop() (unlike loop_forever) creates paho's wake-up socket pair, through which
+                # a publish on another thread wakes this loop to write it at once; it lives as
+                # long as the client. One non-blocking pass, then the loop proper.
+                self._client.loop(timeout=0.0)
                 self._client.loop_forever()
             except Exception:  # pragma: no cover - paho raised from its loop
                 log.exception("MQTT network loop failed")
@@ -542,6 +628,10 @@ class MqttTransport:
         properties: Properties | None,
     ) -> None:
         self._connected.clear()
+        with self._inbox_cond:
+            # Acknowledgements are per connection; the broker redelivers what was not acked.
+            self._generation += 1
+            self._held_acks = []
         if not self._closing.is_set():
             log.warning("disconnected from %s: %s", self.settings.url, reason)
 
@@ -581,19 +671,38 @@ class MqttTransport:
             self._cond.notify_all()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        # Never block here: this is the network thread, which also reads the PUBACKs that
+        # publish() waits for. Back-pressure is a held-back acknowledgement instead.
+        qos = int(msg.qos)
         try:
             topic = msg.topic
         except UnicodeDecodeError:
             log.warning("dropped a message with a non-UTF-8 topic")
+            client.ack(msg.mid, qos)  # never deliverable: do not make the broker resend it
             return
-        item = Message(topic, bytes(msg.payload), bool(msg.retain), int(msg.qos))
-        # Back-pressure instead of loss: paho sends the PUBACK only after this returns.
-        while not self._closing.is_set():
-            try:
-                self._queue.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                continue
+        item = Message(topic, bytes(msg.payload), bool(msg.retain), qos)
+        with self._inbox_cond:
+            full = self._inbox_full()
+            if full and qos == 0:
+                self.dropped_qos0 += 1
+                dropped = self.dropped_qos0
+            else:
+                dropped = 0
+                self._inbox.append(item)
+                self._inbox_bytes += len(item.payload)
+                self._inbox_cond.notify()
+                if full:
+                    self._held_acks.append((msg.mid, qos))
+                    self.acks_held += 1
+                    return
+        if dropped:
+            if dropped == 1 or dropped % 1000 == 0:
+                log.warning(
+                    "receive queue full (%d messages, %d bytes): dropped %d QoS-0 message(s)",
+                    self.settings.max_queue, self.settings.max_queue_bytes, dropped,
+                )  # fmt: skip
+            return
+        client.ack(msg.mid, qos)
 
 
 def connect_url(

@@ -5,7 +5,9 @@ device gets its own MQTT connection (with its Last Will), its own data file in
 the user data format, its own state directory and a heterogeneity profile that
 it plays through its telemetry (battery, charging, metered link, speed) and its
 behaviour (flaky link: the connection drops and comes back; offline spells: the
-agent stops, publishing an offline status, and starts again later). SIGTERM
+agent stops, publishing an offline status, and starts again later). A profile
+with an ``attack`` (``edge.attacks``) makes the device malicious: its agent
+poisons every update before encoding it. SIGTERM
 stops every agent cleanly (offline status, disconnect) and exits.
 """
 
@@ -23,12 +25,14 @@ from typing import Any
 import numpy as np
 
 from edge.agent import AgentHandle, AgentOptions, connect_agent_transport, start_agent_thread
+from edge.attacks import parse_attack
 from edge.data import load_local_data
 from edge.eligibility import Limits
 from edge.mqtt_transport import MqttSettings
 from edge.state import AgentStore
 from edge.telemetry import DeviceProfile, SimulatedTelemetry
 from edge.training import ModelSpec, NumpyTrainer, Trainer
+from edge.transport import Message, Transport
 from edge.wire import NetKind
 
 log = logging.getLogger("fedge.sim.worker")
@@ -39,6 +43,7 @@ def device_profile(p: dict[str, Any], now: float) -> DeviceProfile:
     battery = p.get("battery")
     kwargs: dict[str, Any] = {
         "speed_factor": 1.0 / float(p.get("speed_factor", 1.0)),
+        "batch_time_s": float(p.get("batch_time_s", 0.0)),
         "metered": bool(p.get("metered", False)),
         "net_kind": NetKind(p.get("net_kind", "ethernet")),
         "epoch": now,
@@ -49,13 +54,38 @@ def device_profile(p: dict[str, Any], now: float) -> DeviceProfile:
         period = float(battery["charging_period_s"])
         kwargs.update(
             battery_percent=float(battery["percent"]),
-            drain_train_pct_per_h=float(battery["drain_per_s"]) * 3600,
-            drain_idle_pct_per_h=float(battery["drain_per_s"]) * 360,
+            drain_train_pct_per_h=float(battery["train_drain_per_s"]) * 3600,
+            drain_idle_pct_per_h=float(battery["idle_drain_per_s"]) * 3600,
             charge_pct_per_h=float(battery["charge_per_s"]) * 3600,
             charge_period_s=period,
             charging_windows=((0.0, period * float(battery["charging_duty"])),),
         )
     return DeviceProfile(**kwargs)
+
+
+class LatentTransport:
+    """A device's link latency: each publish waits half the profile's round-trip time.
+
+    The agent measures its RTT from acknowledged publishes, so the coordinator sees
+    the latency in the device's telemetry, as it would in the field.
+    """
+
+    def __init__(self, inner: Transport, one_way_s: float) -> None:
+        self.inner = inner
+        self.one_way_s = one_way_s
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        time.sleep(self.one_way_s)
+        self.inner.publish(topic, payload, qos=qos, retain=retain)
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        self.inner.subscribe(topic_filter, qos)
+
+    def receive(self, timeout: float) -> Message | None:
+        return self.inner.receive(timeout)
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 class SimDevice:
@@ -109,9 +139,12 @@ class SimDevice:
             heartbeat_s=float(self.spec["heartbeat_s"]),
             trainer_name=self.spec["trainer"],
             poll_s=0.5,
+            # A malicious device (fedge sim --attackers): poison the update before encoding.
+            update_hook=parse_attack(attack) if (attack := self.profile.get("attack")) else None,
         )
+        latency_s = float(self.profile.get("rtt_ms", 0.0)) / 2000.0
         self.handle = start_agent_thread(
-            self.transport,
+            LatentTransport(self.transport, latency_s) if latency_s else self.transport,
             options,
             trainer=self._trainer(),
             dataset=self.dataset,
@@ -137,8 +170,8 @@ class SimDevice:
         if self.next_flake is not None and now >= self.next_flake and self.transport is not None:
             self.transport.simulate_connection_loss()
             self.next_flake = self._after(self.profile.get("flaky_every_s"))
-        prob = float(self.profile.get("offline_prob", 0.0))
-        if prob and self.rng.random() < prob / 60.0:  # about `prob` spells per minute
+        rate = float(self.profile.get("offline_per_min", 0.0))
+        if rate and self.rng.random() < rate / 60.0:  # checked once a second
             self.stop()
             self.offline_until = now + float(self.rng.uniform(5, 20))
 

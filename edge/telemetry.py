@@ -102,6 +102,11 @@ class TelemetryProvider(Protocol):
         """Relative CPU speed: 1.0 is the host as it is, 0.25 trains four times slower."""
         ...
 
+    @property
+    def min_batch_s(self) -> float:
+        """Shortest time one training batch takes (a simulated device's pace); 0: no floor."""
+        ...
+
 
 # --------------------------------------------------------------------------- host readings
 
@@ -249,6 +254,10 @@ class HostTelemetry:
     def speed_factor(self) -> float:
         return 1.0
 
+    @property
+    def min_batch_s(self) -> float:
+        return 0.0
+
 
 # --------------------------------------------------------------------------- simulation
 
@@ -283,6 +292,9 @@ class DeviceProfile:
     """Added to the temperature while training."""
     speed_factor: float = 1.0
     """Relative speed: 0.25 trains four times slower (the agent sleeps between batches)."""
+    batch_time_s: float = 0.0
+    """Time one batch takes on this device at speed 1.0 (a pace for simulations, where the
+    host is far faster than a Pi); the agent waits until it has passed. 0: no floor."""
     cores: int = 4
     load1: float = 0.1
     available_mb: float = 512.0
@@ -369,6 +381,10 @@ class SimulatedTelemetry:
     @property
     def speed_factor(self) -> float:
         return self.profile.speed_factor
+
+    @property
+    def min_batch_s(self) -> float:
+        return self.profile.batch_time_s / self.profile.speed_factor
 
 
 # --------------------------------------------------------------------------- status

@@ -48,6 +48,7 @@ from edge.wire import (
     WireError,
 )
 from server_stub.config import CoordinatorConfig, _strategy_params
+from server_stub.faults import crash_point
 from server_stub.metrics import CoordinatorMetrics
 from server_stub.registry import Registry
 from server_stub.rounds import (
@@ -84,6 +85,20 @@ from server_stub.validation import (
 )
 
 logger = logging.getLogger(__name__)
+
+BAD_TOPIC = "bad_topic"
+"""Rejection reason: a message on a topic with an invalid id (PROTOCOL.md §2, §7)."""
+BAD_STATUS = "bad_status"
+"""Rejection reason: a status that is not a valid v1 ``Status`` (the previous one is kept)."""
+_LOG_DETAIL_CHARS = 300
+
+
+def _clip(text: str) -> str:
+    """Bound what one bad message can write to the log (an error may quote a huge value)."""
+    if len(text) <= _LOG_DETAIL_CHARS:
+        return text
+    return f"{text[:_LOG_DETAIL_CHARS]}... ({len(text)} characters)"
+
 
 Evaluate = Callable[[dict[str, F32]], Mapping[str, float]]
 """Model evaluation injected by the composition root: weights → at least accuracy and loss."""
@@ -165,10 +180,13 @@ class Coordinator:
             aux={SCAFFOLD_DELTA_AUX: layout.size} if self.scaffold else None,
         )
         max_env = int(config.validation.max_envelope_mb * 1024 * 1024)
+        # Bookkeeping is charged against the budgets (chunks come from untrusted devices);
+        # a device may have a second transfer open when it retries after a failed upload.
         self.reassembler = Reassembler(
             max_bytes=max(4 * max_env, 256 * 1024 * 1024),
             timeout_s=max(30.0, config.rounds.deadline_s),
-            max_bytes_per_source=max_env,
+            max_bytes_per_source=2 * max_env,
+            charge_overhead=True,
         )
         self._io = _RoundIO()
         self._device_version: dict[str, int] = {}
@@ -288,8 +306,9 @@ class Coordinator:
         """Handle one received message (status or update chunk)."""
         try:
             kind, cid = self.topics.parse(msg.topic)
-        except WireError:
-            logger.debug("ignoring message on %s", msg.topic)
+        except WireError as exc:
+            logger.debug("ignoring message on %s: %s", _clip(msg.topic), _clip(str(exc)))
+            self.metrics.reject(BAD_TOPIC)
             return
         if cid is None:
             return
@@ -318,7 +337,8 @@ class Coordinator:
         try:
             status = Status.from_bytes(payload)
         except WireError as exc:
-            logger.warning("bad status from %s: %s", cid, exc)
+            logger.warning("bad status from %s: %s", cid, _clip(str(exc)))
+            self.metrics.reject(BAD_STATUS)
             return
         change = self.registry.observe(cid, status, now)
         event: DeviceUnavailable | None = None
@@ -362,7 +382,7 @@ class Coordinator:
         )
 
     def _reject_outside(self, reason: str, cid: str, detail: str, now: float) -> None:
-        logger.info("rejected update from %s: %s (%s)", cid, reason, detail)
+        logger.info("rejected update from %s: %s (%s)", cid, reason, _clip(detail))
         self.metrics.reject(str(reason))
         self._feed(UpdateInvalid(str(reason), cid=cid), now)
 
@@ -372,7 +392,8 @@ class Coordinator:
         self._execute(self.machine.handle(event), now, update)
 
     def _execute(self, commands: list[Command], now: float, update: Any = None) -> None:
-        if any(isinstance(c, SendTask) for c in commands):
+        sends = any(isinstance(c, SendTask) for c in commands)
+        if sends:
             # Persist the issued tasks before they go out: a device never holds a task that
             # a restarted coordinator does not know.
             self.store.save_open_round(self.machine.round_no, self.machine.snapshot())
@@ -400,6 +421,8 @@ class Coordinator:
                     cmd.needed,
                 )
                 self._io.waiting_logged = True
+        if sends:
+            crash_point("after_send_tasks", self.machine.round_no)
 
     def _start_round(self, cmd: StartRound, now: float) -> None:
         self._io = _RoundIO(started_at=now)
@@ -470,6 +493,7 @@ class Coordinator:
         self._io.examples += decoded.update.num_examples
         loss = decoded.update.metrics.get("loss")
         self.registry.record_success(cmd.cid, loss)
+        crash_point("after_fold", self.machine.round_no)
         self._feed(UpdateFolded(cmd.task_id, ready=verdict.ready, loss=loss), now)
 
     def _accepted(self, decoded: Decoded, cmd: FoldUpdate) -> AcceptedUpdate:
@@ -512,6 +536,7 @@ class Coordinator:
         record = self._record(cmd.round_no, version, "aggregated", now, cmd.reason)
         record["bytes_down"] = self._io.bytes_down
         # Checkpoint BEFORE publishing: a published version is always on disk.
+        crash_point("before_checkpoint", cmd.round_no)
         self.store.checkpoint(
             version=version,
             round_no=cmd.round_no,
@@ -520,8 +545,9 @@ class Coordinator:
             record=record,
             accepted=self._io.accepted,
         )
+        crash_point("after_checkpoint", cmd.round_no)
         self.model, self.model_version, self._envelope = new, version, envelope
-        self._publish_model(envelope, version)
+        self._publish_model(envelope, version, round_no=cmd.round_no)
         self._feed(AggregationDone(version, now), now)
         self._emit(record)
         self._io = _RoundIO(started_at=now)
@@ -585,12 +611,13 @@ class Coordinator:
 
     # -- downlink ----------------------------------------------------------------------------
 
-    def _publish_model(self, envelope: bytes, version: int) -> None:
+    def _publish_model(self, envelope: bytes, version: int, *, round_no: int = 0) -> None:
         """Publish ``version`` retained (chunks, then manifest); clear the previous chunks."""
         tid = new_transfer_id()
         chunks = split(envelope, self.config.chunk_size, tid)
         for index, chunk in enumerate(chunks):
             self.transport.publish(self.topics.model_chunk(version, index), chunk, retain=True)
+        crash_point("mid_publish", round_no)
         manifest = ModelManifest(
             model_version=version,
             transfer_id=tid.hex(),

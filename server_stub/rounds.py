@@ -379,7 +379,7 @@ class RoundStats:
     """Tasks still outstanding at the deadline."""
     replaced: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
-    """Rejected updates by reason."""
+    """Rejected updates by reason (those that arrived between rounds count in the next one)."""
     examples: int = 0
     losses: list[float] = field(default_factory=list)
 
@@ -449,6 +449,8 @@ class RoundMachine:
         self._in_round: set[str] = set()
         self._pending: FoldUpdate | None = None
         self._waiting_logged = False
+        self._idle_rejected: Counter[str] = Counter()
+        """Rejections while no round is open: the last record is out, so they go to the next."""
 
     # -- public API --------------------------------------------------------------------------
 
@@ -567,6 +569,8 @@ class RoundMachine:
         self.started_at = tick.now
         self.deadline = tick.now + self.settings.deadline_s
         self.stats = RoundStats()
+        self.stats.rejected.update(self._idle_rejected)
+        self._idle_rejected.clear()
         self.tasks = {}
         self.outstanding = {}
         self.accepted_now = set()
@@ -693,7 +697,7 @@ class RoundMachine:
     def _on_update(self, ev: UpdateReceived) -> list[Command]:
         verdict = self.classify(ev.cid, ev.task_id, ev.model_version, ev.nonce, ev.now)
         if isinstance(verdict, str):
-            self.stats.rejected[verdict] += 1
+            self._count_rejected(verdict)
             commands: list[Command] = [RejectUpdate(ev.cid, ev.task_id, verdict)]
             if verdict == "too_stale":
                 commands += self._drop(ev.cid, ev.task_id, "too_stale")
@@ -727,8 +731,14 @@ class RoundMachine:
             return [*commands, Aggregate(self.round_no, "target")]
         return []
 
+    def _count_rejected(self, reason: str) -> None:
+        if self.state is RoundState.IDLE and self.settings.mode == "sync":
+            self._idle_rejected[reason] += 1
+        else:
+            self.stats.rejected[reason] += 1
+
     def _on_invalid(self, ev: UpdateInvalid) -> list[Command]:
-        self.stats.rejected[ev.reason] += 1
+        self._count_rejected(ev.reason)
         pending = self._pending
         if pending is None or ev.task_id is None or pending.task_id != ev.task_id:
             return []

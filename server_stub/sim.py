@@ -75,10 +75,18 @@ class SimConfig:
     error_feedback: bool | None = None
     """Keep a residual on each device; default: on for int4 and topk, off otherwise."""
     strategy: str = "fedavg"
+    clip_norm: float = 1.0
+    """L2 bound of each update under ``--strategy clipped`` (honest digits MLP: ~0.5-1.5)."""
+    trim_beta: float = 0.2
+    """Fraction trimmed from each end of every coordinate under ``--strategy trimmed_mean``."""
     selection: str = "random"
     async_mode: bool = False
     """FedBuff instead of synchronous rounds."""
     profiles: str = "uniform"
+    attackers: int = 0
+    """Malicious devices (evenly spaced ids), each poisoning its updates with ``attack``."""
+    attack: str = "scale:10"
+    """``scale:FACTOR``, ``signflip`` or ``nan`` (``edge.attacks``)."""
     seed: int = 0
     epochs: int = 2
     batch_size: int = 16
@@ -120,14 +128,31 @@ class SimResult:
 # ---------------------------------------------------------------------------- profiles
 
 
-def make_profiles(mix: str, n: int, rng: np.random.Generator) -> list[dict[str, Any]]:
+def make_profiles(
+    mix: str,
+    n: int,
+    rng: np.random.Generator,
+    *,
+    attackers: int = 0,
+    attack: str | None = None,
+) -> list[dict[str, Any]]:
     """Heterogeneity profiles for ``n`` devices (JSON-safe; the worker plays them).
 
+    ``attackers`` devices, spread evenly over the ids (``i * n // attackers``) and chosen
+    without ``rng`` so a poisoned run gets the same fleet as its clean twin, carry
+    ``"attack": attack`` (``edge.attacks``): they poison every update they send.
+
     ``uniform``: every device on mains power, fast, unmetered ethernet.
-    ``mixed``: a realistic fleet: a third slow CPUs, a third on batteries that drain
-    while training and charge on a schedule, some Wi-Fi links that drop and come
-    back, a few metered cellular devices, a few that go offline mid-round.
+    ``mixed``: a realistic fleet: a third slow CPUs (2x or 4x), a third on batteries
+    that drain while training and charge on a schedule (some start below the 20 %
+    minimum), some Wi-Fi links with tens of milliseconds of latency that drop and
+    come back, a few metered cellular devices, a few that go offline for seconds at
+    a time (mid-round, when a round is running).
     ``harsh``: the same kinds, more of each.
+
+    Rates are compressed to the simulation's time scale (rounds of seconds, not
+    hours): batteries drain by percent per second of training, charging windows
+    repeat every 10-30 s, flaky links drop every 5-20 s.
     """
     if mix not in PROFILE_MIXES:
         raise SimError(f"unknown profile mix {mix!r}; choose one of {', '.join(PROFILE_MIXES)}")
@@ -141,22 +166,26 @@ def make_profiles(mix: str, n: int, rng: np.random.Generator) -> list[dict[str, 
             "rtt_ms": float(rng.uniform(1, 5)),
             "battery": None,
             "flaky_every_s": None,
-            "offline_prob": 0.0,
+            "offline_per_min": 0.0,
         }
         if share:
+            # A Pi-class pace, so that rounds take seconds and the fleet's events
+            # (batteries, drop-outs, flaky links) land while rounds are running.
+            p["batch_time_s"] = float(rng.uniform(0.01, 0.03))
             if rng.random() < 0.33 * share:
                 p["speed_factor"] = float(rng.choice([2.0, 4.0]))  # times slower
             if rng.random() < 0.33 * share:
                 p["battery"] = {
-                    "percent": float(rng.uniform(25, 100)),
-                    "drain_per_s": float(rng.uniform(0.5, 3.0)),
-                    "charge_per_s": float(rng.uniform(0.5, 2.0)),
-                    "charging_period_s": float(rng.uniform(20, 60)),
-                    "charging_duty": 0.4,
+                    "percent": float(rng.uniform(10, 100)),
+                    "train_drain_per_s": float(rng.uniform(5, 25)),
+                    "idle_drain_per_s": 0.05,
+                    "charge_per_s": float(rng.uniform(2, 6)),
+                    "charging_period_s": float(rng.uniform(10, 30)),
+                    "charging_duty": 0.5,
                 }
             if rng.random() < 0.15 * share:
                 p["net_kind"], p["rtt_ms"] = "wifi", float(rng.uniform(10, 60))
-                p["flaky_every_s"] = float(rng.uniform(15, 40))
+                p["flaky_every_s"] = float(rng.uniform(5, 20))
             if rng.random() < 0.08 * share:
                 p["net_kind"], p["metered"], p["rtt_ms"] = (
                     "cellular",
@@ -164,8 +193,10 @@ def make_profiles(mix: str, n: int, rng: np.random.Generator) -> list[dict[str, 
                     float(rng.uniform(60, 200)),
                 )
             if rng.random() < 0.1 * share:
-                p["offline_prob"] = 0.3
+                p["offline_per_min"] = 3.0
         profiles.append(p)
+    for i in range(attackers):
+        profiles[i * n // attackers]["attack"] = attack
     return profiles
 
 
@@ -330,6 +361,27 @@ def _check_workers(procs: Sequence[tuple[subprocess.Popen[bytes], Path]]) -> Non
             raise SimError(f"a device worker exited with code {proc.returncode}:\n{tail}")
 
 
+def _raise_fd_limit(needed: int) -> None:
+    """Raise the soft open-files limit towards ``needed`` (inherited by mosquitto and workers).
+
+    A thousand devices are a thousand sockets on the broker; Debian's default soft
+    limit of 1,024 would refuse connections long before that.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < needed:
+        logger.warning(
+            "open-files limit is %d; %d devices need about %d: raise it with ulimit -n",
+            hard,
+            (needed - 256) // 2,
+            needed,
+        )
+
+
 def run_sim(
     cfg: SimConfig,
     *,
@@ -340,6 +392,7 @@ def run_sim(
     from server_stub.simwiring import build_coordinator, model_spec_for
 
     _validate(cfg)
+    _raise_fd_limit(2 * cfg.clients + 256)
     rng = np.random.default_rng(cfg.seed)
     result = SimResult(cfg)
     started = time.monotonic()
@@ -352,7 +405,9 @@ def run_sim(
         progress.status(f"preparing {cfg.dataset} for {cfg.clients} devices ({cfg.partition})")
         data_paths, train, test = _prepare_data(cfg, workdir, rng)
         model_spec = model_spec_for(cfg, train)
-        profiles = make_profiles(cfg.profiles, cfg.clients, rng)
+        profiles = make_profiles(
+            cfg.profiles, cfg.clients, rng, attackers=cfg.attackers, attack=cfg.attack
+        )
         broker: MosquittoBroker | EmbeddedBroker | None = None
         procs: list[tuple[subprocess.Popen[bytes], Path]] = []
         stop = threading.Event()
@@ -451,6 +506,18 @@ def _validate(cfg: SimConfig) -> None:
         raise SimError("--trainer must be numpy or litert")
     if cfg.broker_kind not in BROKER_KINDS:
         raise SimError(f"--broker-kind must be one of {', '.join(BROKER_KINDS)}")
+    if not 0 <= cfg.attackers <= cfg.clients:
+        raise SimError(f"--attackers must be between 0 and --clients ({cfg.clients})")
+    from edge.attacks import parse_attack
+
+    try:
+        parse_attack(cfg.attack)
+    except ValueError as exc:
+        raise SimError(f"--attack: {exc}") from None
+    if not cfg.clip_norm > 0:
+        raise SimError("--clip-norm must be > 0")
+    if not 0 <= cfg.trim_beta < 0.5:
+        raise SimError("--trim-beta must be in [0, 0.5)")
     if cfg.broker is not None and cfg.broker_kind != "auto":
         raise SimError("--broker URL uses an existing broker; drop --broker-kind or --broker")
     if cfg.model.endswith(".tflite") and cfg.trainer != "litert":
@@ -504,12 +571,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="fedavg, fedprox, fedavgm, fedadam, fedyogi, scaffold, clipped, median, "
         "trimmed_mean (fedbuff with --async)",
     )
+    p.add_argument(
+        "--clip-norm",
+        type=float,
+        default=d.clip_norm,
+        help="L2 bound of each update for --strategy clipped",
+    )
+    p.add_argument(
+        "--trim-beta",
+        type=float,
+        default=d.trim_beta,
+        help="fraction trimmed from each end for --strategy trimmed_mean",
+    )
     p.add_argument("--selection", default=d.selection, help="random, resource or utility")
     p.add_argument(
         "--async", dest="async_mode", action="store_true", help="asynchronous FedBuff rounds"
     )
     p.add_argument(
         "--profiles", default=d.profiles, choices=PROFILE_MIXES, help="device heterogeneity mix"
+    )
+    p.add_argument(
+        "--attackers", type=int, default=d.attackers, help="malicious devices (poisoning)"
+    )
+    p.add_argument(
+        "--attack",
+        default=d.attack,
+        help="what the attackers do to their updates: scale:FACTOR, signflip or nan",
     )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--epochs", type=int, default=d.epochs, help="local epochs per task")

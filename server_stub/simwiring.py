@@ -113,6 +113,10 @@ def build_coordinator(
         strategy_params["mu"] = 0.01
     if strategy == "scaffold":
         strategy_params["num_clients"] = cfg.clients
+    if strategy == "clipped":
+        strategy_params["max_norm"] = cfg.clip_norm
+    if strategy == "trimmed_mean":
+        strategy_params["beta"] = cfg.trim_beta
     config = config_from_dict(
         {
             "fleet": "sim",

@@ -1,0 +1,1 @@
+"""Reliability tests (faults, bad input, access control, poisoning, soak); helpers in harness.py."""
