@@ -54,6 +54,7 @@ def totals(
         "declined": sum(int(r.get("declined", 0)) for r in rounds),
         "dropped": sum(int(r.get("dropped", 0)) for r in rounds),
         "rejected": sum(int(r.get("rejected", 0)) for r in rounds),
+        "late": sum(late_count(r) for r in rounds),
         "duration_s": sum(float(r.get("duration_s", 0.0)) for r in rounds),
     }
     if target_accuracy is not None:
@@ -133,8 +134,24 @@ def _fmt(value: Any, kind: str) -> str:
     if kind == "float":
         return f"{value:.3f}"
     if kind == "s":
-        return f"{value:.1f}s"
+        return f"{value:.2f}s"
     return str(value)
+
+
+def late_count(record: Mapping[str, Any]) -> int:
+    """Updates of a round rejected only for arriving after it closed.
+
+    With over-selection these are expected: the stragglers of a round that already
+    had its K updates. Shown apart so that invalid updates stand out.
+    """
+    by_reason = record.get("rejected_by_reason") or {}
+    return int(by_reason.get("late", 0))
+
+
+def rejected_text(record: Mapping[str, Any]) -> str:
+    """``'3'``, or ``'3 (2 late)'`` when some of the rejections were only late."""
+    total, late = int(record.get("rejected", 0)), late_count(record)
+    return f"{total} ({late} late)" if late else str(total)
 
 
 COLUMNS: Final = (
@@ -170,7 +187,12 @@ def round_table(rounds: Sequence[Mapping[str, Any]], title: str = "rounds") -> A
     for head, _key, kind in COLUMNS:
         table.add_column(head, justify="left" if kind == "str" else "right")
     for r in rounds:
-        table.add_row(*(_fmt(r.get(key), kind) for _h, key, kind in COLUMNS))
+        table.add_row(
+            *(
+                rejected_text(r) if key == "rejected" else _fmt(r.get(key), kind)
+                for _h, key, kind in COLUMNS
+            )
+        )
     return table
 
 
@@ -190,7 +212,8 @@ def summary_table(total: Mapping[str, Any], wall_s: float) -> Any:
         ("updates accepted", str(total.get("participants"))),
         (
             "declined / dropped / rejected",
-            f"{total.get('declined')} / {total.get('dropped')} / {total.get('rejected')}",
+            f"{total.get('declined')} / {total.get('dropped')} / {total.get('rejected')}"
+            + (f" ({total['late']} late stragglers)" if total.get("late") else ""),
         ),
         ("wall time", f"{wall_s:.1f}s"),
     ]

@@ -283,10 +283,10 @@ class _Progress:
                 f"round {record['round']:3d}  v{record['model_version']}  "
                 f"acc {'-' if acc is None else f'{100 * acc:5.1f}%'}  "
                 f"participants {record['participants']:3d}  declined {record['declined']}  "
-                f"dropped {record['dropped']}  rejected {record['rejected']}  "
+                f"dropped {record['dropped']}  rejected {report.rejected_text(record)}  "
                 f"up {report.human_bytes(record['bytes_up'])}  "
                 f"down {report.human_bytes(record['bytes_down'])}  "
-                f"{record['duration_s']:.1f}s",
+                f"{record['duration_s']:.2f}s",
                 flush=True,
             )
 
