@@ -12,44 +12,19 @@ it to a Markdown file.
 from __future__ import annotations
 
 import argparse
-import os
+import dataclasses
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from edge.mosquitto import BrokerError, MosquittoBroker
+from server_stub.bench_soak import sample
 from server_stub.sim import SimConfig, SimError, run_sim
-
-
-def _proc_status(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def _broker_pid() -> int | None:
-    """The sim's private mosquitto (its config lives in the run's fedge-sim-* directory)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if cmd and cmd[0].endswith(b"mosquitto") and any(b"fedge-sim-" in c for c in cmd):
-            return int(entry.name)
-    return None
-
-
-def _fds(pid: int) -> int:
-    try:
-        return len(os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        return -1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -73,12 +48,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         epochs=1,
     )
     samples: list[dict[str, Any]] = []
-    me = os.getpid()
     last = {"cpu": time.process_time(), "t": time.monotonic()}
+    broker_pid: list[int | None] = [None]
 
     def on_round(record: dict[str, Any]) -> None:
         now_cpu, now_t = time.process_time(), time.monotonic()
-        broker = _broker_pid()
+        figures = sample(broker_pid[0])
         samples.append({
             "round": record["round"],
             "participants": record["participants"],
@@ -86,10 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "accuracy": record.get("accuracy"),
             "round_s": now_t - last["t"],
             "coordinator_cpu_s": now_cpu - last["cpu"],
-            "coordinator_rss_mb": _proc_status(me, "VmRSS") / 1024,
-            "coordinator_threads": _proc_status(me, "Threads"),
-            "broker_rss_mb": _proc_status(broker, "VmRSS") / 1024 if broker else None,
-            "broker_fds": _fds(broker) if broker else None,
+            **figures,
         })  # fmt: skip
         last.update(cpu=now_cpu, t=now_t)
         print(
@@ -105,8 +77,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     started = time.monotonic()
     try:
-        result = run_sim(cfg, show_progress=False, on_round=on_round)
-    except SimError as exc:
+        # The benchmark starts the broker itself so that it can sample its pid.
+        with (
+            tempfile.TemporaryDirectory(prefix="fedge-scale-") as tmp,
+            MosquittoBroker(Path(tmp), persistence=False) as broker,
+        ):
+            broker_pid[0] = broker.pid
+            cfg = dataclasses.replace(cfg, broker=broker.url)
+            result = run_sim(cfg, show_progress=False, on_round=on_round)
+    except (SimError, BrokerError) as exc:
         print(f"fedge bench scale: {exc}", file=sys.stderr)
         return 1
     wall = time.monotonic() - started
@@ -120,7 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"the first: {statistics.median(s['round_s'] for s in steady):.2f} s, coordinator CPU "
         f"{statistics.median(s['coordinator_cpu_s'] for s in steady):.2f} s; peak "
         f"coordinator RSS {max(s['coordinator_rss_mb'] for s in samples):.0f} MB, peak broker "
-        f"RSS {max((s['broker_rss_mb'] or 0) for s in samples):.0f} MB."
+        f"RSS {max(s['broker_rss_mb'] for s in samples):.0f} MB; the {args.clients} agents "
+        f"in their worker processes {max(s['workers_rss_mb'] for s in samples):.0f} MB "
+        "together."
     )
     print()
     print(table)
@@ -145,15 +126,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _markdown(samples: Sequence[dict[str, Any]]) -> str:
     lines = [
         "| round | updates | online | round (s) | coordinator CPU (s) | coordinator RSS (MB) | "
-        "coordinator threads | broker RSS (MB) | broker fds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "coordinator threads | broker RSS (MB) | broker fds | device workers RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in samples:
-        broker_rss = "-" if s["broker_rss_mb"] is None else f"{s['broker_rss_mb']:.0f}"
         lines.append(
             f"| {s['round']} | {s['participants']} | {s['online']} | {s['round_s']:.2f} | "
             f"{s['coordinator_cpu_s']:.2f} | {s['coordinator_rss_mb']:.0f} | "
-            f"{s['coordinator_threads']} | {broker_rss} | {s['broker_fds']} |"
+            f"{s['coordinator_threads']:.0f} | {s['broker_rss_mb']:.0f} | "
+            f"{s['broker_fds']:.0f} | {s['workers_rss_mb']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
