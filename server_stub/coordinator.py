@@ -5,9 +5,17 @@ round machine, validator, strategy) meet I/O (transport, store, clock). Rules:
 
 - One thread runs :meth:`Coordinator.run`; it alone touches every object here.
 - A message is handled completely before the next is read: status → registry (→ drop a
-  device that said it will not report); update chunks → reassembler → envelope and
+  device that said it will not report, or whose status no longer names the task it
+  acknowledged: ``lost_task``); update chunks → reassembler → envelope and
   signature → task checks (round machine) → content checks (validator, scratch vector) →
   strategy ``accept``. Nothing rejected touches the model; every rejection is counted.
+- The open round's snapshot (issued tasks, acknowledgements) is saved before tasks go out,
+  before an update is folded when an acknowledgement is not yet saved, and at the next tick
+  after one arrives; so every folded update's acknowledgement is on disk and a restarted
+  coordinator can ask again the devices whose updates died with it.
+- With ``require_signature`` an update of the topic's device rejected ``bad_envelope``,
+  ``bad_signature`` or ``wrong_cid`` fails that device's task at once (the production
+  broker's ACL lets only the device publish on its update topic).
 - A new model version is checkpointed (SQLite, one transaction) **before** it is published
   (retained manifest + chunks; the previous version's retained chunks are cleared).
 - ``bytes_down`` of a round = bytes of every task published for it + the model envelope's
@@ -66,6 +74,8 @@ from server_stub.rounds import (
     RoundState,
     SendTask,
     StartRound,
+    TaskAcknowledged,
+    TaskStatus,
     Tick,
     UpdateFolded,
     UpdateInvalid,
@@ -207,7 +217,10 @@ class Coordinator:
             round_no=round_no,
             model_version=self.model_version,
             accepted_task_ids=store.accepted_task_ids(),
+            fail_task_on_bad_envelope=config.validation.require_signature,
         )
+        self._acks_unsaved = False
+        """An acknowledgement arrived that the stored snapshot does not hold yet."""
         self._restore_cmds: list[Command] = []
         snap = store.open_round()
         if snap is not None and config.rounds.mode == "sync":
@@ -301,6 +314,11 @@ class Coordinator:
             assert isinstance(self.strategy, Scaffold)
             self.strategy.set_num_clients(max(1, len(self.registry)))
         self._feed(Tick(now, tuple(eligible)), now)
+        if self._acks_unsaved:
+            if self.machine.state is RoundState.COLLECTING:
+                self._save_open_round()
+            else:  # the round closed meanwhile (its checkpoint cleared the open round)
+                self._acks_unsaved = False
 
     def handle_message(self, msg: Message, now: float) -> None:
         """Handle one received message (status or update chunk)."""
@@ -354,10 +372,19 @@ class Coordinator:
             event = DeviceUnavailable(cid, "offline", now)
         elif change.ineligible is not None:
             event = DeviceUnavailable(cid, change.ineligible.value, now)
-        if event is not None and cid in self.machine.outstanding:
+        if cid not in self.machine.outstanding:
+            return
+        if event is not None:
             self._feed(event, now)
-            if self.machine.state is RoundState.COLLECTING:
-                self.tick(now)  # replace the device at once
+        else:
+            # Acknowledges the outstanding task, or shows the device lost it (lost_task).
+            task_event = TaskStatus(cid, status.task_id, now)
+            before = self.machine.outstanding.get(cid)
+            self._feed(task_event, now)
+            if self.machine.outstanding.get(cid) == before:
+                return
+        if self.machine.state is RoundState.COLLECTING:
+            self.tick(now)  # replace the device at once
 
     def _on_update_chunk(self, cid: str, chunk: bytes, now: float) -> None:
         self._io.bytes_up += len(chunk)
@@ -384,19 +411,29 @@ class Coordinator:
     def _reject_outside(self, reason: str, cid: str, detail: str, now: float) -> None:
         logger.info("rejected update from %s: %s (%s)", cid, reason, _clip(detail))
         self.metrics.reject(str(reason))
+        held = cid in self.machine.outstanding
         self._feed(UpdateInvalid(str(reason), cid=cid), now)
+        # With require_signature the bad envelope failed the device's task: replace it now.
+        failed = held and cid not in self.machine.outstanding
+        if failed and self.machine.state is RoundState.COLLECTING:
+            self.tick(now)
 
     # -- command execution -------------------------------------------------------------------
 
     def _feed(self, event: Event, now: float, update: Any = None) -> None:
         self._execute(self.machine.handle(event), now, update)
 
+    def _save_open_round(self) -> None:
+        self.store.save_open_round(self.machine.round_no, self.machine.snapshot())
+        self._acks_unsaved = False
+
     def _execute(self, commands: list[Command], now: float, update: Any = None) -> None:
         sends = any(isinstance(c, SendTask) for c in commands)
-        if sends:
+        if sends or (self._acks_unsaved and any(isinstance(c, FoldUpdate) for c in commands)):
             # Persist the issued tasks before they go out: a device never holds a task that
-            # a restarted coordinator does not know.
-            self.store.save_open_round(self.machine.round_no, self.machine.snapshot())
+            # a restarted coordinator does not know. Persist acknowledgements before a fold:
+            # a restarted coordinator then knows every device whose folded update it lost.
+            self._save_open_round()
         for cmd in commands:
             if isinstance(cmd, StartRound):
                 self._start_round(cmd, now)
@@ -409,6 +446,8 @@ class Coordinator:
                 self.metrics.reject(cmd.reason)
             elif isinstance(cmd, DropDevice):
                 self._drop(cmd)
+            elif isinstance(cmd, TaskAcknowledged):
+                self._acks_unsaved = self.machine.state is RoundState.COLLECTING
             elif isinstance(cmd, Aggregate):
                 self._aggregate(cmd, now)
             elif isinstance(cmd, AbandonRound):
@@ -587,6 +626,7 @@ class Coordinator:
             "selected": stats.selected,
             "declined": stats.declined,
             "dropped": stats.dropped,
+            "lost": stats.lost,
             "timed_out": stats.timed_out,
             "replaced": stats.replaced,
             "rejected": sum(stats.rejected.values()),

@@ -20,6 +20,19 @@ Rules of a synchronous round (``mode="sync"``):
 - A selected device that becomes unavailable (:class:`DeviceUnavailable`: offline by its Last
   Will, battery low, metered, explicit decline) is dropped at once and replaced from the
   eligible pool at the next :class:`Tick` while at least ``replace_min_remaining_s`` remain.
+- Lost tasks (:class:`TaskStatus`): a device acknowledges its task when one of its statuses
+  names it (the agent publishes one as soon as it takes a task). A later status that names no
+  task or another one while the task is still outstanding means the device no longer holds
+  it (it restarted, or its update went nowhere): the task is dropped as ``lost_task`` and the
+  device is replaced like a decline, except that it may itself be asked again (it is idle).
+  A status before the acknowledgement proves nothing: it may predate the task. The
+  acknowledged task ids are part of the snapshot, so a restarted coordinator detects tasks
+  whose updates died with the old process and asks again (:meth:`RoundMachine.restore`).
+- An update rejected before its task is known (``bad_envelope``, ``bad_signature``,
+  ``wrong_cid``: :data:`ENVELOPE_REJECTIONS`) fails the outstanding task of the topic's
+  device at once only when the machine was built with ``fail_task_on_bad_envelope`` (the
+  coordinator sets it when the fleet requires signatures, the production setting with the
+  broker ACL, under which only the device itself can publish on its update topic).
 - Update checks (:class:`UpdateReceived`), in order: ``unknown_task`` (never issued),
   ``wrong_cid`` (issued to another device), ``replayed`` (task accepted in an earlier round,
   or nonce mismatch), ``duplicate`` (task already accepted this round), ``late`` (the task's
@@ -178,6 +191,19 @@ class DeviceUnavailable:
 
 
 @dataclass(frozen=True, slots=True)
+class TaskStatus:
+    """An online status of ``cid`` said which task it holds (``task_id``; None: no task).
+
+    The coordinator feeds it for devices with an outstanding task whose status is neither a
+    new decline nor unavailable (those are :class:`DeviceUnavailable`).
+    """
+
+    cid: str
+    task_id: str | None
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
 class AggregationDone:
     """The coordinator aggregated, checkpointed and published ``model_version``."""
 
@@ -199,9 +225,16 @@ Event: TypeAlias = (
     | UpdateFolded
     | UpdateInvalid
     | DeviceUnavailable
+    | TaskStatus
     | AggregationDone
     | AggregationFailed
 )
+
+LOST_TASK = "lost_task"
+"""Drop reason: the device's status shows it no longer holds its acknowledged task."""
+ENVELOPE_REJECTIONS: frozenset[str] = frozenset({"bad_envelope", "bad_signature", "wrong_cid"})
+"""Rejections of a complete update envelope before its task is known; attributed to the
+topic's device they fail its outstanding task (see ``fail_task_on_bad_envelope``)."""
 
 
 # ----------------------------------------------------------------------------------- commands
@@ -296,6 +329,19 @@ class DropDevice:
 
 
 @dataclass(frozen=True, slots=True)
+class TaskAcknowledged:
+    """``cid``'s status named its task ``task_id``: persist the open round's snapshot soon.
+
+    A restarted coordinator needs the acknowledgement to tell a lost task from one whose
+    device simply has not received it yet; the coordinator saves the snapshot at the next tick
+    and always before it folds an update.
+    """
+
+    cid: str
+    task_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class Aggregate:
     """Close the round: ``strategy.finish``, evaluate, checkpoint, publish.
 
@@ -330,6 +376,7 @@ Command: TypeAlias = (
     | FoldUpdate
     | RejectUpdate
     | DropDevice
+    | TaskAcknowledged
     | Aggregate
     | AbandonRound
     | WaitForDevices
@@ -344,6 +391,7 @@ TRANSITIONS: dict[RoundState, dict[type[Any], tuple[RoundState, ...]]] = {
         UpdateReceived: (RoundState.IDLE,),
         UpdateInvalid: (RoundState.IDLE,),
         DeviceUnavailable: (RoundState.IDLE,),
+        TaskStatus: (RoundState.IDLE,),
     },
     RoundState.COLLECTING: {
         Tick: (RoundState.COLLECTING, RoundState.AGGREGATING, RoundState.IDLE),
@@ -351,11 +399,13 @@ TRANSITIONS: dict[RoundState, dict[type[Any], tuple[RoundState, ...]]] = {
         UpdateFolded: (RoundState.COLLECTING, RoundState.AGGREGATING),
         UpdateInvalid: (RoundState.COLLECTING, RoundState.AGGREGATING, RoundState.IDLE),
         DeviceUnavailable: (RoundState.COLLECTING, RoundState.AGGREGATING, RoundState.IDLE),
+        TaskStatus: (RoundState.COLLECTING,),
     },
     RoundState.AGGREGATING: {
         UpdateReceived: (RoundState.AGGREGATING,),
         UpdateInvalid: (RoundState.AGGREGATING,),
         DeviceUnavailable: (RoundState.AGGREGATING,),
+        TaskStatus: (RoundState.AGGREGATING,),
         AggregationDone: (RoundState.IDLE, RoundState.COLLECTING),
         AggregationFailed: (RoundState.IDLE, RoundState.COLLECTING),
     },
@@ -374,7 +424,10 @@ class RoundStats:
     declined: int = 0
     """Devices that explicitly declined (also counted in ``dropped``)."""
     dropped: int = 0
-    """Devices removed because they said they will not report (offline, ineligible, decline)."""
+    """Devices removed because they said they will not report (offline, ineligible, decline,
+    lost task, an attributed bad envelope)."""
+    lost: int = 0
+    """Tasks dropped as ``lost_task`` (also counted in ``dropped``)."""
     timed_out: int = 0
     """Tasks still outstanding at the deadline."""
     replaced: int = 0
@@ -389,6 +442,7 @@ class RoundStats:
             "selected": self.selected,
             "declined": self.declined,
             "dropped": self.dropped,
+            "lost": self.lost,
             "timed_out": self.timed_out,
             "replaced": self.replaced,
             "rejected": dict(self.rejected),
@@ -415,6 +469,9 @@ class RoundMachine:
         Where to start (from the last checkpoint).
     accepted_task_ids
         Task ids already counted in checkpointed rounds (replay protection across restarts).
+    fail_task_on_bad_envelope
+        An update of the topic's device rejected as one of :data:`ENVELOPE_REJECTIONS` fails
+        that device's outstanding task at once (set when only the device can publish there).
     """
 
     def __init__(
@@ -426,6 +483,7 @@ class RoundMachine:
         round_no: int = 1,
         model_version: int = 0,
         accepted_task_ids: Iterable[str] = (),
+        fail_task_on_bad_envelope: bool = False,
     ) -> None:
         self.settings = settings
         self.selector = selector
@@ -444,6 +502,10 @@ class RoundMachine:
         self.accepted_now: set[str] = set()
         """Task ids folded into the open round."""
         self.accepted_before: set[str] = set(accepted_task_ids)
+        self.fail_task_on_bad_envelope = fail_task_on_bad_envelope
+        self.acknowledged: set[str] = set()
+        """Task ids of the open round (sync) or live tasks (async) a status of their device
+        named: a later status without them means the task is lost."""
         self.closed_tasks: dict[str, IssuedTask] = {}
         """Tasks of earlier rounds or dropped tasks (to tell late from unknown)."""
         self._in_round: set[str] = set()
@@ -490,6 +552,7 @@ class RoundMachine:
             "tasks": [t.to_json() for t in self.tasks.values()],
             "outstanding": dict(self.outstanding),
             "in_round": sorted(self._in_round),
+            "acknowledged": sorted(self.acknowledged),
         }
 
     def restore(self, snap: Mapping[str, Any]) -> list[Command]:
@@ -497,7 +560,10 @@ class RoundMachine:
 
         Updates folded before the crash were lost with the in-memory aggregate (they were
         never checkpointed, so they are counted zero times, never twice); their tasks stay
-        open so a QoS-1 redelivery can still be counted. Returns the :class:`StartRound`
+        open so a QoS-1 redelivery can still be counted. Their acknowledgements are restored
+        too: when the device's status then shows it is idle, the task is lost
+        (:class:`TaskStatus`) and the device is asked again with a fresh task of the same round
+        on the same model version, so the round can complete. Returns the :class:`StartRound`
         the coordinator must execute (empty if the snapshot had no open round).
         """
         if snap.get("state") not in (RoundState.COLLECTING.value, RoundState.AGGREGATING.value):
@@ -512,6 +578,7 @@ class RoundMachine:
             if t.cid not in self.outstanding and t.task_id not in self.accepted_before:
                 self.outstanding[t.cid] = t.task_id
         self._in_round = set(snap.get("in_round", []))
+        self.acknowledged = {str(t) for t in snap.get("acknowledged", []) if t in self.tasks}
         self.deadline = snap.get("deadline")
         self.started_at = snap.get("started_at")
         self.state = RoundState.COLLECTING
@@ -532,6 +599,8 @@ class RoundMachine:
             return self._on_invalid(event)
         if isinstance(event, DeviceUnavailable):
             return self._on_unavailable(event)
+        if isinstance(event, TaskStatus):
+            return self._on_task_status(event)
         if isinstance(event, AggregationDone):
             return self._on_aggregated(event.model_version, event.now)
         return self._on_aggregated(None, event.now)
@@ -574,6 +643,7 @@ class RoundMachine:
         self.tasks = {}
         self.outstanding = {}
         self.accepted_now = set()
+        self.acknowledged = set()
         self._in_round = set()
         views = {v.cid: v for v in tick.eligible}
         commands: list[Command] = [StartRound(self.round_no, self.model_version, self.deadline)]
@@ -650,6 +720,7 @@ class RoundMachine:
         self.tasks = {}
         self.outstanding = {}
         self.accepted_now = set()
+        self.acknowledged = set()
         self.deadline = None
         self.round_no += 1
         if len(self.closed_tasks) > 100_000:  # bound memory: forget the oldest
@@ -718,6 +789,7 @@ class RoundMachine:
         if self.settings.mode == "async":
             task = self.tasks.pop(ev.task_id)
             self.closed_tasks[ev.task_id] = task
+            self.acknowledged.discard(ev.task_id)
             if ev.ready:
                 self.state = RoundState.AGGREGATING
                 return [Aggregate(self.round_no, "buffer")]
@@ -740,12 +812,45 @@ class RoundMachine:
     def _on_invalid(self, ev: UpdateInvalid) -> list[Command]:
         self._count_rejected(ev.reason)
         pending = self._pending
+        if ev.task_id is None and pending is None:
+            return self._fail_on_envelope(ev)
         if pending is None or ev.task_id is None or pending.task_id != ev.task_id:
             return []
         self._pending = None
         return self._drop(pending.cid, pending.task_id, f"invalid_update:{ev.reason}")
 
+    def _fail_on_envelope(self, ev: UpdateInvalid) -> list[Command]:
+        """A bad envelope on ``ev.cid``'s own topic fails its task (when attributable)."""
+        if (
+            not self.fail_task_on_bad_envelope
+            or ev.cid is None
+            or ev.reason not in ENVELOPE_REJECTIONS
+            or self.state is not RoundState.COLLECTING
+        ):
+            return []
+        task_id = self.outstanding.get(ev.cid)
+        if task_id is None:
+            return []
+        return self._drop(ev.cid, task_id, f"invalid_update:{ev.reason}")
+
     # -- devices -----------------------------------------------------------------------------
+
+    def _on_task_status(self, ev: TaskStatus) -> list[Command]:
+        task_id = self.outstanding.get(ev.cid)
+        if task_id is None or self.state is not RoundState.COLLECTING:
+            return []
+        if ev.task_id == task_id:
+            if task_id in self.acknowledged:
+                return []
+            self.acknowledged.add(task_id)
+            return [TaskAcknowledged(ev.cid, task_id)]
+        if task_id not in self.acknowledged:
+            return []  # a status from before the device took the task proves nothing
+        # The device held the task and now holds none (or another): it will never report.
+        # It is idle, so unlike a decliner it may be asked again (a fresh task) at the next tick.
+        self._in_round.discard(ev.cid)
+        self.stats.lost += 1
+        return self._drop(ev.cid, task_id, LOST_TASK)
 
     def _on_unavailable(self, ev: DeviceUnavailable) -> list[Command]:
         task_id = self.outstanding.get(ev.cid)
@@ -769,6 +874,7 @@ class RoundMachine:
             self.closed_tasks[task_id] = task
             if self.settings.mode == "async":
                 del self.tasks[task_id]
+                self.acknowledged.discard(task_id)
         self.stats.dropped += 1
         self.stats.declined += declined
         return [DropDevice(cid, task_id, reason, declined=declined)]
@@ -811,6 +917,7 @@ class RoundMachine:
                 self.stats.timed_out += 1
                 del self.outstanding[cid]
                 self.closed_tasks[task_id] = self.tasks.pop(task_id)
+                self.acknowledged.discard(task_id)
         free = self.settings.concurrency - len(self.outstanding)
         pool = [v for v in tick.eligible if v.cid not in self.outstanding]
         if free > 0 and pool:
@@ -822,6 +929,8 @@ class RoundMachine:
 
 
 __all__ = [
+    "ENVELOPE_REJECTIONS",
+    "LOST_TASK",
     "TRANSITIONS",
     "AbandonRound",
     "Aggregate",
@@ -841,6 +950,8 @@ __all__ = [
     "RoundStats",
     "SendTask",
     "StartRound",
+    "TaskAcknowledged",
+    "TaskStatus",
     "Tick",
     "UpdateFolded",
     "UpdateInvalid",

@@ -24,6 +24,8 @@ from server_stub.rounds import (
     RoundState,
     SendTask,
     StartRound,
+    TaskAcknowledged,
+    TaskStatus,
     Tick,
     UpdateFolded,
     UpdateInvalid,
@@ -328,3 +330,191 @@ def test_async_rejects_too_stale() -> None:
     t = second.task
     out = m.handle(UpdateReceived(t.cid, t.task_id, t.round_no, t.model_version, t.nonce, 1.0))
     assert out[0] == RejectUpdate(t.cid, t.task_id, "too_stale")
+
+
+# ------------------------------------------------------------------ lost tasks (TaskStatus)
+
+
+def acked(m: RoundMachine, send: SendTask, now: float = 0.5) -> None:
+    t = send.task
+    assert m.handle(TaskStatus(t.cid, t.task_id, now)) == [TaskAcknowledged(t.cid, t.task_id)]
+
+
+@pytest.mark.parametrize(
+    ("acknowledged", "reported", "lost"),
+    [
+        (False, None, False),  # a heartbeat from before the task arrived proves nothing
+        (False, "older-task", False),
+        (True, None, True),  # restarted agent: idle, no task
+        (True, "other-task", True),  # it holds another task, not ours
+        (True, "own", False),  # still working on it (a heartbeat)
+    ],
+)
+def test_status_after_acknowledgement_decides_lost_task(
+    acknowledged: bool, reported: str | None, lost: bool
+) -> None:
+    m = machine()
+    sent = started(m, views("a", "b"))
+    t = sent["a"].task
+    if acknowledged:
+        acked(m, sent["a"])
+    out = m.handle(TaskStatus("a", t.task_id if reported == "own" else reported, 1.0))
+    if lost:
+        assert out == [DropDevice("a", t.task_id, "lost_task")]
+        assert (m.stats.dropped, m.stats.lost, m.stats.declined) == (1, 1, 0)
+        assert "a" not in m.outstanding
+    else:
+        assert out == []
+        assert m.outstanding["a"] == t.task_id and m.stats.dropped == 0
+
+
+def test_acknowledgement_is_reported_once() -> None:
+    m = machine()
+    sent = started(m, views("a", "b"))
+    acked(m, sent["a"])
+    assert m.handle(TaskStatus("a", sent["a"].task.task_id, 0.6)) == []
+    assert m.snapshot()["acknowledged"] == [sent["a"].task.task_id]
+
+
+def test_lost_task_device_is_asked_again_with_a_fresh_task_and_old_update_is_late() -> None:
+    m = machine()
+    sent = started(m, views("a", "b"))
+    old = sent["a"]
+    acked(m, old)
+    m.handle(TaskStatus("a", None, 1.0))
+    # The device is idle and eligible again: it may be picked as its own replacement.
+    again = tasks(m.handle(Tick(1.0, views("a"))))
+    assert [s.task.cid for s in again] == ["a"]
+    fresh = again[0].task
+    assert fresh.task_id != old.task.task_id
+    assert (fresh.round_no, fresh.model_version) == (old.task.round_no, old.task.model_version)
+    assert m.stats.replaced == 1 and m.stats.selected == 3
+    # A pre-acknowledgement status of the fresh task is not a loss; the old update is late.
+    assert m.handle(TaskStatus("a", None, 1.1)) == []
+    assert receive(m, old)[0] == RejectUpdate("a", old.task.task_id, "late")
+    fold(m, again[0])
+    assert fold(m, sent["b"]) == [Aggregate(1, "target")]
+    assert m.stats.participants == 2
+
+
+def test_lost_task_ignored_outside_collecting_and_without_outstanding_task() -> None:
+    m = machine()
+    assert m.handle(TaskStatus("a", None, 0.0)) == []  # idle machine
+    sent = started(m, views("a", "b"))
+    assert m.handle(TaskStatus("zz", None, 0.5)) == []  # not selected
+    for s in sent.values():
+        acked(m, s)
+        fold(m, s)
+    assert m.state is RoundState.AGGREGATING
+    assert m.handle(TaskStatus("a", None, 2.0)) == []
+
+
+def test_lost_task_with_no_replacement_closes_exhausted() -> None:
+    m = machine()
+    sent = started(m, views("a", "b"))
+    fold(m, sent["b"])
+    acked(m, sent["a"])
+    m.handle(TaskStatus("a", None, 9.0))  # too late to replace
+    assert m.handle(Tick(9.0, views("a"))) == [Aggregate(1, "exhausted")]
+
+
+def test_async_lost_task_is_refilled() -> None:
+    m = machine(mode="async", concurrency=2)
+    first, second = tasks(m.handle(Tick(0.0, views("a", "b"))))
+    acked(m, first)
+    assert m.handle(TaskStatus(first.task.cid, None, 1.0)) == [
+        DropDevice(first.task.cid, first.task.task_id, "lost_task")
+    ]
+    assert first.task.task_id not in m.acknowledged
+    refill = tasks(m.handle(Tick(1.0, views("a", "b"))))
+    assert [s.task.cid for s in refill] == [first.task.cid]
+    assert second.task.cid in m.outstanding
+
+
+# ------------------------------------------------------------------ restart: tasks lost with it
+
+
+def test_restore_keeps_acknowledgements_and_reissues_lost_folded_update() -> None:
+    m = machine()
+    sent = started(m, views("a", "b"))
+    for s in sent.values():
+        acked(m, s)
+    fold(m, sent["a"])  # folded, then the coordinator dies before the checkpoint
+    snap = m.snapshot()
+    m2 = RoundMachine(
+        RoundSettings(clients_per_round=2, over_selection=1.0, deadline_s=10.0),
+        RandomSelector(),
+        np.random.default_rng(1),
+        accepted_task_ids=(),
+    )
+    assert m2.restore(snap) == [StartRound(1, 0, 10.0)]
+    assert m2.acknowledged == {sent["a"].task.task_id, sent["b"].task.task_id}
+    # "a" sent its update to the dead process and is idle now: its task is lost.
+    assert m2.handle(TaskStatus("a", None, 2.0)) == [
+        DropDevice("a", sent["a"].task.task_id, "lost_task")
+    ]
+    again = tasks(m2.handle(Tick(2.0, views("a", "b"))))
+    assert [s.task.cid for s in again] == ["a"]
+    assert again[0].task.task_id not in {s.task.task_id for s in sent.values()}
+    assert again[0].task.round_no == 1 and again[0].task.model_version == 0
+    # A redelivery of the old update cannot be counted as well: it is late now.
+    assert receive(m2, sent["a"])[0] == RejectUpdate("a", sent["a"].task.task_id, "late")
+    fold(m2, again[0])
+    assert fold(m2, sent["b"]) == [Aggregate(1, "target")]
+    assert m2.stats.participants == 2
+
+
+def test_restore_of_a_snapshot_without_acknowledgements_waits() -> None:
+    m = machine()
+    sent = started(m, views("a", "b"))
+    snap = m.snapshot()
+    del snap["acknowledged"]  # written by an older version
+    m2 = machine()
+    m2.restore(snap)
+    assert m2.handle(TaskStatus("a", None, 1.0)) == []
+    assert m2.outstanding == {c: s.task.task_id for c, s in sent.items()}
+
+
+# ------------------------------------------------------------------ bad envelope on own topic
+
+
+@pytest.mark.parametrize(
+    ("fail_flag", "reason", "cid", "dropped"),
+    [
+        (True, "bad_signature", "a", True),
+        (True, "bad_envelope", "a", True),
+        (True, "wrong_cid", "a", True),
+        (True, "bad_chunk", "a", False),  # one bad chunk does not end a transfer
+        (True, "bad_signature", "zz", False),  # no task outstanding for that topic
+        (False, "bad_signature", "a", False),  # signatures not required: not attributable
+    ],
+)
+def test_bad_envelope_on_own_topic_fails_task_when_attributable(
+    fail_flag: bool, reason: str, cid: str, dropped: bool
+) -> None:
+    m = RoundMachine(
+        RoundSettings(clients_per_round=2, over_selection=1.0, deadline_s=10.0),
+        RandomSelector(),
+        np.random.default_rng(0),
+        fail_task_on_bad_envelope=fail_flag,
+    )
+    sent = started(m, views("a", "b"))
+    out = m.handle(UpdateInvalid(reason, cid=cid))
+    assert m.stats.rejected[reason] == 1
+    if dropped:
+        assert out == [DropDevice("a", sent["a"].task.task_id, f"invalid_update:{reason}")]
+        assert "a" not in m.outstanding and m.stats.dropped == 1
+        # Unlike a lost task, the sender is not asked again in this round.
+        assert [s.task.cid for s in tasks(m.handle(Tick(1.0, views("a", "c"))))] == ["c"]
+    else:
+        assert out == [] and "a" in m.outstanding and m.stats.dropped == 0
+
+
+def test_bad_envelope_between_rounds_is_only_counted() -> None:
+    m = RoundMachine(
+        RoundSettings(clients_per_round=2, over_selection=1.0, deadline_s=10.0),
+        RandomSelector(),
+        np.random.default_rng(0),
+        fail_task_on_bad_envelope=True,
+    )
+    assert m.handle(UpdateInvalid("bad_signature", cid="a")) == []

@@ -56,7 +56,13 @@ from typing import Any
 
 import numpy as np
 
-from edge.agent import AgentHandle, AgentOptions, connect_agent_transport, start_agent_thread
+from edge.agent import (
+    AgentHandle,
+    AgentOptions,
+    StatusRelay,
+    connect_agent_transport,
+    start_agent_thread,
+)
 from edge.data import Dataset, load_builtin, partition
 from edge.modelio import unpack_model
 from edge.mqtt_transport import MqttSettings, MqttTransport
@@ -304,20 +310,26 @@ class AgentFleet:
         profile: DeviceProfile | None = None,
         mqtt: Mapping[str, Any] | None = None,
         gate: TrainingGate | None = None,
+        last_will: bool = True,
         **options: Any,
     ) -> AgentHandle:
         """Start (or restart, after :meth:`stop`/:meth:`crash`) agent ``cid`` on ``data``.
 
         ``options`` go to :class:`edge.agent.AgentOptions` (default ``poll_s=0.05``);
         ``mqtt`` overrides :meth:`settings`; ``profile`` defaults to mains power; ``gate``
-        holds each training until the test allows it.
+        holds each training until the test allows it. ``last_will=False`` connects without a
+        Last Will: a :meth:`crash` then looks like a reboot the broker has not noticed yet
+        (nothing says the device went offline before its next online status).
         """
         old = self.agents.get(cid)
         if old is not None and old.handle.thread.is_alive():
             raise RuntimeError(f"agent {cid} is running; stop or crash it first")
-        transport, relay = connect_agent_transport(
-            self.settings(cid, **(mqtt or {})), self.fleet, cid
-        )
+        settings = self.settings(cid, **(mqtt or {}))
+        if last_will:
+            transport, relay = connect_agent_transport(settings, self.fleet, cid)
+        else:
+            relay = StatusRelay()
+            transport = MqttTransport(settings, on_connect_publish=relay)
         assert isinstance(transport, MqttTransport)
         store = AgentStore(self.workdir / cid, fsync=False)
         opts = AgentOptions(self.fleet, cid, **{"poll_s": 0.05, **options})

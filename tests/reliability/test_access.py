@@ -185,7 +185,7 @@ def _run_signed_round(
         client_id="coordinator",
         broker={"username": "coordinator", "password_file": str(pw_file),
                 "ca_certs": str(test_pki.ca_cert)},
-        rounds={"clients_per_round": 2, "min_fraction": 0.5, "deadline_s": 4.0},
+        rounds={"clients_per_round": 2, "min_fraction": 0.5, "deadline_s": 300.0},
         validation={"hmac_keys_dir": str(keys_dir), "require_signature": True},
     )  # fmt: skip
     fleet = AgentFleet(broker.url, tmp_path / "agents")
@@ -214,6 +214,10 @@ def test_update_signed_with_the_wrong_key_is_rejected_and_counted(
     assert record["outcome"] == "aggregated" and record["participants"] == 1
     assert record["rejected_by_reason"] == {"bad_signature": 1}
     assert rejects == {"bad_signature": 1}
+    # The fleet requires signatures, so the rejection failed pi-02's task at once (not as a
+    # lost task, not at the 300 s deadline): with nobody left to wait for, the round closed.
+    assert record["reason"] == "exhausted"
+    assert (record["dropped"], record["lost"], record["timed_out"]) == (1, 0, 0)
 
 
 def test_secrets_never_appear_in_logs(
