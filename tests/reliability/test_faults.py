@@ -258,10 +258,13 @@ def test_thirty_percent_of_selected_devices_vanish(
 def test_device_back_from_long_sleep_gets_current_model_and_task_only(
     mosquitto: MosquittoBroker, tmp_path: Path, fleet: AgentFleet, coordinators: Coordinators
 ) -> None:
-    # Prepare: three devices; pi-00 takes part in round 1, then its power goes.
+    # Prepare: three devices; pi-00 takes part in round 1, then its power goes. Its gate lets
+    # exactly one training through, so should round 2 start before the crash lands, pi-00
+    # holds that round's task untrained and the crash (Last Will) drops it: no race.
     shards, test = digits_shards(3)
     for i, shard in enumerate(shards):
-        fleet.start(f"pi-{i:02d}", shard, seed=i)
+        gate = TrainingGate(permits=1) if i == 0 else None
+        fleet.start(f"pi-{i:02d}", shard, seed=i, gate=gate)
     cfg = coordinator_config(
         mosquitto.url, tmp_path / "c.db", rounds={"min_devices": 2, "deadline_s": 10.0}
     )
