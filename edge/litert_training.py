@@ -24,9 +24,8 @@ from __future__ import annotations
 
 import importlib.resources
 import logging
-import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -43,8 +42,10 @@ from edge.training import (
     ScaffoldControl,
     TrainingError,
     Weights,
+    check_fit_args,
     check_weights,
-    epoch_batches,
+    check_xy,
+    run_sgd,
 )
 
 __all__ = [
@@ -327,51 +328,27 @@ class LiteRTTrainer:
                 "signature has no correction input); use edge.training.NumpyTrainer for "
                 "SCAFFOLD tasks, or a FedAvg/FedProx strategy for .tflite devices"
             )
-        xa, ya = self._check_xy(x, y)
+        xa, ya = check_xy(self.spec, x, y)
         n = xa.shape[0]
-        if epochs < 1:
-            raise TrainingError(f"epochs must be >= 1, got {epochs}")
-        if batch_size < 1:
-            raise TrainingError(f"batch_size must be >= 1, got {batch_size}")
-        if not (math.isfinite(lr) and lr > 0):
-            raise TrainingError(f"lr must be a positive finite number, got {lr}")
-        if not (math.isfinite(prox_mu) and prox_mu >= 0):
-            raise TrainingError(f"prox_mu must be >= 0, got {prox_mu}")
-        if max_steps is not None and max_steps < 0:
-            raise TrainingError(f"max_steps must be >= 0 or None, got {max_steps}")
-        if batch_order is not None and len(batch_order) != epochs:
-            raise TrainingError(
-                f"batch_order has {len(batch_order)} epochs but epochs={epochs}; pass one "
-                "sequence of index arrays per epoch"
-            )
+        check_fit_args(
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            prox_mu=prox_mu,
+            max_steps=max_steps,
+            batch_order=batch_order,
+        )
 
-        num_steps = 0
-        num_seen = 0
-        stopped = False
-        epoch_losses: list[float] = []
-        start = self.clock()
-        for epoch in range(epochs):
-            epoch_losses = []
-            for idx in self._batches(epoch, n, batch_size, rng, batch_order):
-                if (max_steps is not None and num_steps >= max_steps) or (
-                    should_stop is not None and should_stop()
-                ):
-                    stopped = True
-                    break
-                epoch_losses.append(self.step(xa[idx], ya[idx], lr=lr, prox_mu=prox_mu))
-                num_steps += 1
-                num_seen += len(idx)
-            if stopped:
-                break
-        duration = self.clock() - start
-        return FitResult(
-            loss=float(np.mean(epoch_losses)) if epoch_losses else math.nan,
-            num_examples=n,
-            num_steps=num_steps,
-            samples_per_s=num_seen / duration if num_seen and duration > 0 else 0.0,
-            stopped_early=stopped,
-            num_samples_seen=num_seen,
-            duration_s=duration,
+        return run_sgd(
+            lambda idx: self.step(xa[idx], ya[idx], lr=lr, prox_mu=prox_mu),
+            n=n,
+            epochs=epochs,
+            batch_size=batch_size,
+            rng=rng,
+            max_steps=max_steps,
+            should_stop=should_stop,
+            batch_order=batch_order,
+            clock=self.clock,
         )
 
     # ------------------------------------------------------------------ inference
@@ -392,7 +369,7 @@ class LiteRTTrainer:
 
     def evaluate(self, x: F32, y: I64) -> EvalResult:
         """Return the mean softmax cross-entropy and the accuracy on ``(x, y)``."""
-        xa, ya = self._check_xy(x, y)
+        xa, ya = check_xy(self.spec, x, y)
         logits = self.predict_logits(xa).astype(np.float64)
         shifted = logits - logits.max(axis=1, keepdims=True)
         log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
@@ -400,41 +377,3 @@ class LiteRTTrainer:
         loss = float(-log_probs[np.arange(n), ya].mean())
         accuracy = float((logits.argmax(axis=1) == ya).mean())
         return EvalResult(loss=loss, accuracy=accuracy, num_examples=n)
-
-    # ------------------------------------------------------------------ helpers
-
-    def _check_xy(self, x: npt.ArrayLike, y: npt.ArrayLike) -> tuple[F32, I64]:
-        xa = np.asarray(x)
-        ya = np.asarray(y)
-        if xa.ndim != 2 or xa.shape[1] != self.spec.input_dim:
-            raise TrainingError(f"x must have shape (N, {self.spec.input_dim}), got {xa.shape}")
-        if ya.shape != (xa.shape[0],):
-            raise TrainingError(f"y must have shape ({xa.shape[0]},) to match x, got {ya.shape}")
-        if xa.shape[0] == 0:
-            raise TrainingError("no examples: x and y are empty")
-        if ya.dtype.kind not in "iu":
-            raise TrainingError(f"labels must be integers, got dtype {ya.dtype}")
-        if ya.min() < 0 or ya.max() >= self.spec.num_classes:
-            raise TrainingError(
-                f"labels must be in [0, {self.spec.num_classes}), got [{ya.min()}, {ya.max()}]"
-            )
-        return xa.astype(np.float32, copy=False), ya.astype(np.int64, copy=False)
-
-    @staticmethod
-    def _batches(
-        epoch: int,
-        n: int,
-        batch_size: int,
-        rng: np.random.Generator,
-        batch_order: Sequence[Sequence[npt.NDArray[np.integer]]] | None,
-    ) -> Iterator[I64]:
-        if batch_order is None:
-            yield from epoch_batches(n, batch_size, rng)
-            return
-        for idx in batch_order[epoch]:
-            arr = np.asarray(idx, dtype=np.int64)
-            if arr.ndim != 1 or arr.size == 0 or arr.min() < 0 or arr.max() >= n:
-                raise TrainingError(
-                    f"batch_order[{epoch}] holds a batch that is empty or indexes outside [0, {n})"
-                )
-            yield arr

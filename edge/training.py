@@ -9,6 +9,8 @@ This module owns
   the softmax, zero biases);
 - the `Trainer` protocol that the agent drives. `NumpyTrainer` implements it here with
   hand-written backprop; ``edge.litert_training`` implements it for ``.tflite`` models;
+- what every trainer's ``fit`` shares, so all trainers accept, batch and stop alike:
+  `check_xy`, `check_fit_args`, `fit_batches` and the loop `run_sgd`;
 - `gradient`, a pure function returning the mean softmax cross-entropy and its gradients.
 
 Rules: everything is float32; nothing here reads a global RNG (batches come from the ``rng``
@@ -24,6 +26,7 @@ variate is option II of the SCAFFOLD paper, ``c_i+ = c_i - c + (x - w) / (K * lr
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import time
@@ -45,11 +48,15 @@ __all__ = [
     "Trainer",
     "TrainingError",
     "Weights",
+    "check_fit_args",
     "check_weights",
+    "check_xy",
     "epoch_batches",
+    "fit_batches",
     "flatten",
     "gradient",
     "init_weights",
+    "run_sgd",
     "shapes",
     "unflatten",
 ]
@@ -335,7 +342,12 @@ def _forward_backward(weights: Weights, x: F32, y: I64, *, grads: bool) -> tuple
     return loss, {name: out[name] for name in weights}  # keep Weights order
 
 
-def _check_xy(spec: ModelSpec, x: npt.ArrayLike, y: npt.ArrayLike) -> tuple[F32, I64]:
+def check_xy(spec: ModelSpec, x: npt.ArrayLike, y: npt.ArrayLike) -> tuple[F32, I64]:
+    """Return ``(x, y)`` as float32 / int64 after checking them against ``spec``.
+
+    Every trainer checks its examples here, so each one rejects the same inputs with the
+    same `TrainingError`.
+    """
     xa = np.asarray(x)
     ya = np.asarray(y)
     if xa.ndim != 2 or xa.shape[1] != spec.input_dim:
@@ -389,7 +401,7 @@ def gradient(
     """
     spec = _infer_spec(weights)
     checked = check_weights(spec, weights)
-    xa, ya = _check_xy(spec, x, y)
+    xa, ya = check_xy(spec, x, y)
     return _forward_backward(checked, xa, ya, grads=True)
 
 
@@ -406,6 +418,110 @@ def epoch_batches(num_examples: int, batch_size: int, rng: np.random.Generator) 
         )
     order = rng.permutation(num_examples).astype(np.int64)
     return [order[i : i + batch_size] for i in range(0, num_examples, batch_size)]
+
+
+def fit_batches(
+    epoch: int,
+    n: int,
+    batch_size: int,
+    rng: np.random.Generator,
+    batch_order: Sequence[Sequence[npt.NDArray[np.integer]]] | None,
+) -> Iterator[I64]:
+    """Yield the batches of epoch ``epoch`` of a ``fit``: from ``rng``, or ``batch_order[epoch]``.
+
+    Without ``batch_order`` the batches are ``epoch_batches(n, batch_size, rng)``. With it, each
+    given batch is checked to be a non-empty 1-D index array into ``[0, n)``. Every trainer's
+    ``fit`` takes its batches from here, so the same arguments give every trainer the same batches.
+    """
+    if batch_order is None:
+        yield from epoch_batches(n, batch_size, rng)
+        return
+    for idx in batch_order[epoch]:
+        arr = np.asarray(idx, dtype=np.int64)
+        if arr.ndim != 1 or arr.size == 0 or arr.min() < 0 or arr.max() >= n:
+            raise TrainingError(
+                f"batch_order[{epoch}] holds a batch that is empty or indexes outside [0, {n})"
+            )
+        yield arr
+
+
+def run_sgd(
+    step: Callable[[I64], float],
+    *,
+    n: int,
+    epochs: int,
+    batch_size: int,
+    rng: np.random.Generator,
+    max_steps: int | None,
+    should_stop: Callable[[], bool] | None,
+    batch_order: Sequence[Sequence[npt.NDArray[np.integer]]] | None,
+    clock: Callable[[], float],
+) -> FitResult:
+    """Run the epochs of a `Trainer.fit` on checked arguments: ``step(idx)`` once per batch.
+
+    ``step`` takes one SGD step on the examples ``idx`` and returns the batch loss. Batches come
+    from `fit_batches`; before each one, ``max_steps`` and ``should_stop`` may end the run. The
+    result has no SCAFFOLD fields; ``clock`` times the loop. Every trainer's ``fit`` runs here,
+    so they all stop, count and report alike.
+    """
+    num_steps = 0
+    num_seen = 0
+    stopped = False
+    epoch_losses: list[float] = []
+    start = clock()
+    for epoch in range(epochs):
+        epoch_losses = []
+        for idx in fit_batches(epoch, n, batch_size, rng, batch_order):
+            if (max_steps is not None and num_steps >= max_steps) or (
+                should_stop is not None and should_stop()
+            ):
+                stopped = True
+                break
+            epoch_losses.append(step(idx))
+            num_steps += 1
+            num_seen += len(idx)
+        if stopped:
+            break
+    duration = clock() - start
+    return FitResult(
+        loss=float(np.mean(epoch_losses)) if epoch_losses else math.nan,
+        num_examples=n,
+        num_steps=num_steps,
+        samples_per_s=num_seen / duration if num_seen and duration > 0 else 0.0,
+        stopped_early=stopped,
+        num_samples_seen=num_seen,
+        duration_s=duration,
+    )
+
+
+def check_fit_args(
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    prox_mu: float,
+    max_steps: int | None,
+    batch_order: Sequence[Sequence[npt.NDArray[np.integer]]] | None,
+) -> None:
+    """Raise `TrainingError` unless the hyperparameters of a `Trainer.fit` call are valid.
+
+    The one definition of a valid SGD schedule, shared by every trainer's ``fit``.
+    """
+    if epochs < 1:
+        raise TrainingError(f"epochs must be >= 1, got {epochs}")
+    if batch_size < 1:
+        raise TrainingError(f"batch_size must be >= 1, got {batch_size}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise TrainingError(f"lr must be a positive finite number, got {lr}")
+    if not (math.isfinite(prox_mu) and prox_mu >= 0):
+        raise TrainingError(f"prox_mu must be >= 0, got {prox_mu}")
+    if max_steps is not None and max_steps < 0:
+        raise TrainingError(f"max_steps must be >= 0 or None, got {max_steps}")
+    if batch_order is not None and len(batch_order) != epochs:
+        raise TrainingError(
+            f"batch_order has {len(batch_order)} epochs but epochs={epochs}; pass one "
+            "sequence of index arrays per epoch"
+        )
 
 
 # --------------------------------------------------------------------------- trainer
@@ -513,69 +629,41 @@ class NumpyTrainer:
             must equal ``epochs``), each a sequence of index arrays into ``x``. Lets another
             trainer be compared with this one on identical batches.
         """
-        xa, ya = _check_xy(self.spec, x, y)
+        xa, ya = check_xy(self.spec, x, y)
         n = xa.shape[0]
-        if epochs < 1:
-            raise TrainingError(f"epochs must be >= 1, got {epochs}")
-        if batch_size < 1:
-            raise TrainingError(f"batch_size must be >= 1, got {batch_size}")
-        if not (math.isfinite(lr) and lr > 0):
-            raise TrainingError(f"lr must be a positive finite number, got {lr}")
-        if not (math.isfinite(prox_mu) and prox_mu >= 0):
-            raise TrainingError(f"prox_mu must be >= 0, got {prox_mu}")
-        if max_steps is not None and max_steps < 0:
-            raise TrainingError(f"max_steps must be >= 0 or None, got {max_steps}")
-        if batch_order is not None and len(batch_order) != epochs:
-            raise TrainingError(
-                f"batch_order has {len(batch_order)} epochs but epochs={epochs}; pass one "
-                "sequence of index arrays per epoch"
-            )
+        check_fit_args(
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            prox_mu=prox_mu,
+            max_steps=max_steps,
+            batch_order=batch_order,
+        )
         if control is not None:
             control = ScaffoldControl(
                 c_global=check_weights(self.spec, control.c_global),
                 c_local=check_weights(self.spec, control.c_local),
             )
 
-        num_steps = 0
-        num_seen = 0
-        stopped = False
-        epoch_losses: list[float] = []
-        start = self.clock()
-        for epoch in range(epochs):
-            epoch_losses = []
-            for idx in self._batches(epoch, n, batch_size, rng, batch_order):
-                if (max_steps is not None and num_steps >= max_steps) or (
-                    should_stop is not None and should_stop()
-                ):
-                    stopped = True
-                    break
-                loss = self.step(xa[idx], ya[idx], lr=lr, prox_mu=prox_mu, control=control)
-                epoch_losses.append(loss)
-                num_steps += 1
-                num_seen += len(idx)
-            if stopped:
-                break
-        duration = self.clock() - start
-
-        new_c_local: Weights | None = None
-        control_delta: Weights | None = None
-        if control is not None:
-            new_c_local, control_delta = self._scaffold_update(control, num_steps, lr)
-        return FitResult(
-            loss=float(np.mean(epoch_losses)) if epoch_losses else math.nan,
-            num_examples=n,
-            num_steps=num_steps,
-            samples_per_s=num_seen / duration if num_seen and duration > 0 else 0.0,
-            stopped_early=stopped,
-            num_samples_seen=num_seen,
-            duration_s=duration,
-            control_delta=control_delta,
-            new_c_local=new_c_local,
+        result = run_sgd(
+            lambda idx: self.step(xa[idx], ya[idx], lr=lr, prox_mu=prox_mu, control=control),
+            n=n,
+            epochs=epochs,
+            batch_size=batch_size,
+            rng=rng,
+            max_steps=max_steps,
+            should_stop=should_stop,
+            batch_order=batch_order,
+            clock=self.clock,
         )
+        if control is None:
+            return result
+        new_c_local, control_delta = self._scaffold_update(control, result.num_steps, lr)
+        return dataclasses.replace(result, control_delta=control_delta, new_c_local=new_c_local)
 
     def evaluate(self, x: F32, y: I64) -> EvalResult:
         """Return the mean loss and the accuracy of the current weights on ``(x, y)``."""
-        xa, ya = _check_xy(self.spec, x, y)
+        xa, ya = check_xy(self.spec, x, y)
         n = xa.shape[0]
         loss_sum = 0.0
         correct = 0
@@ -596,25 +684,6 @@ class NumpyTrainer:
                 h = np.maximum(h, np.float32(0.0))
         labels: I64 = h.argmax(axis=1).astype(np.int64)
         return labels
-
-    @staticmethod
-    def _batches(
-        epoch: int,
-        n: int,
-        batch_size: int,
-        rng: np.random.Generator,
-        batch_order: Sequence[Sequence[npt.NDArray[np.integer]]] | None,
-    ) -> Iterator[I64]:
-        if batch_order is None:
-            yield from epoch_batches(n, batch_size, rng)
-            return
-        for idx in batch_order[epoch]:
-            arr = np.asarray(idx, dtype=np.int64)
-            if arr.ndim != 1 or arr.size == 0 or arr.min() < 0 or arr.max() >= n:
-                raise TrainingError(
-                    f"batch_order[{epoch}] holds a batch that is empty or indexes outside [0, {n})"
-                )
-            yield arr
 
     def _scaffold_update(
         self, control: ScaffoldControl, num_steps: int, lr: float

@@ -1116,6 +1116,44 @@ def decode_envelope(
     return header, payloads
 
 
+_KIND_PHRASE: Final[Mapping[EnvelopeKind, str]] = {
+    EnvelopeKind.UPDATE: "an update",
+    EnvelopeKind.MODEL: "a model",
+}
+
+
+def _decode_envelope_of_kind(
+    data: bytes | bytearray | memoryview,
+    key: bytes | KeyLookup | None,
+    kind: EnvelopeKind,
+    *,
+    max_size: int,
+    require_signature: bool,
+) -> tuple[EnvelopeHeader, list[bytes]]:
+    """`decode_envelope`, then raise `MessageError` unless the envelope carries ``kind``."""
+    header, payloads = decode_envelope(
+        data, key, max_size=max_size, require_signature=require_signature
+    )
+    if header.kind is not kind:
+        raise MessageError(
+            f"expected {_KIND_PHRASE[kind]} envelope, got kind={header.kind.value!r}"
+        )
+    return header, payloads
+
+
+def _freeze_and_check_payloads(message: ModelUpdate | GlobalModel) -> None:
+    """Make ``tensors``/``payloads`` tuples of one payload per tensor and validate the header.
+
+    The ``__post_init__`` of both envelope messages (frozen dataclasses, hence
+    ``object.__setattr__``).
+    """
+    object.__setattr__(message, "tensors", tuple(message.tensors))
+    object.__setattr__(message, "payloads", tuple(bytes(p) for p in message.payloads))
+    if len(message.payloads) != len(message.tensors):
+        raise MessageError(f"{len(message.tensors)} tensors but {len(message.payloads)} payloads")
+    message.header  # noqa: B018 - validates every header field
+
+
 @dataclass(frozen=True, slots=True)
 class ModelUpdate:
     """A device's update (or a partial aggregate): header fields plus one payload per tensor."""
@@ -1133,11 +1171,7 @@ class ModelUpdate:
     extra: Mapping[str, JSONValue] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "tensors", tuple(self.tensors))
-        object.__setattr__(self, "payloads", tuple(bytes(p) for p in self.payloads))
-        if len(self.payloads) != len(self.tensors):
-            raise MessageError(f"{len(self.tensors)} tensors but {len(self.payloads)} payloads")
-        self.header  # noqa: B018 - validates every header field
+        _freeze_and_check_payloads(self)
 
     @property
     def round(self) -> int:
@@ -1172,11 +1206,13 @@ class ModelUpdate:
         max_size: int = DEFAULT_MAX_ENVELOPE_SIZE,
         require_signature: bool = False,
     ) -> Self:
-        header, payloads = decode_envelope(
-            data, key, max_size=max_size, require_signature=require_signature
+        header, payloads = _decode_envelope_of_kind(
+            data,
+            key,
+            EnvelopeKind.UPDATE,
+            max_size=max_size,
+            require_signature=require_signature,
         )
-        if header.kind is not EnvelopeKind.UPDATE:
-            raise MessageError(f"expected an update envelope, got kind={header.kind.value!r}")
         assert header.task_id is not None and header.cid is not None
         return cls(
             task_id=header.task_id,
@@ -1204,11 +1240,7 @@ class GlobalModel:
     extra: Mapping[str, JSONValue] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "tensors", tuple(self.tensors))
-        object.__setattr__(self, "payloads", tuple(bytes(p) for p in self.payloads))
-        if len(self.payloads) != len(self.tensors):
-            raise MessageError(f"{len(self.tensors)} tensors but {len(self.payloads)} payloads")
-        self.header  # noqa: B018 - validates every header field
+        _freeze_and_check_payloads(self)
 
     @property
     def header(self) -> EnvelopeHeader:
@@ -1233,11 +1265,13 @@ class GlobalModel:
         max_size: int = DEFAULT_MAX_ENVELOPE_SIZE,
         require_signature: bool = False,
     ) -> Self:
-        header, payloads = decode_envelope(
-            data, key, max_size=max_size, require_signature=require_signature
+        header, payloads = _decode_envelope_of_kind(
+            data,
+            key,
+            EnvelopeKind.MODEL,
+            max_size=max_size,
+            require_signature=require_signature,
         )
-        if header.kind is not EnvelopeKind.MODEL:
-            raise MessageError(f"expected a model envelope, got kind={header.kind.value!r}")
         return cls(
             model_version=header.model_version,
             round_no=header.round_no,

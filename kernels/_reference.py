@@ -435,7 +435,15 @@ def _sp_select(
     out_indices: U32,
     out_values: F32,
 ) -> int:
-    # Finite x, 0 < k < n, sample_size > 0.
+    """The top-k of `topk_sampled` and `topk_feedback`, on finite ``x`` and checked arguments.
+
+    ``k == 0`` writes nothing; ``sample_size == 0`` or ``k == len(x)`` takes the exact path;
+    otherwise the threshold pass, with room for ``capacity`` candidates.
+    """
+    if k == 0:
+        return 0
+    if sample_size == 0 or k == x.shape[0]:
+        return _sp_write(x, _sp_exact_positions(x, k), out_indices, out_values)
     keys = _sp_keys(x)
     sample = np.sort(keys[_sp_sample_positions(seed, sample_size, x.shape[0])])
     threshold = sample[sample_size - sample_rank]  # the sample_rank-th largest key
@@ -490,10 +498,6 @@ def topk_sampled(
         out_values=out_values,
     )
     _sp_check_finite(x, "x")
-    if k == 0:
-        return 0
-    if sample_size == 0 or k == n:
-        return _sp_write(x, _sp_exact_positions(x, k), out_indices, out_values)
     return _sp_select(
         x,
         k,
@@ -543,10 +547,6 @@ def topk_feedback(
         total = residual + update
     _sp_check_sum_finite(update, residual, total)
     residual[:] = total
-    if k == 0:
-        return 0
-    if sample_size == 0 or k == n:
-        return _sp_write(residual, _sp_exact_positions(residual, k), out_indices, out_values)
     return _sp_select(
         residual,
         k,

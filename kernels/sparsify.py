@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -39,6 +39,7 @@ else:
 
 Float32Vector = npt.NDArray[np.float32]
 Uint32Vector = npt.NDArray[np.uint32]
+_Scalar = TypeVar("_Scalar", bound=np.generic)
 
 MAX_LENGTH: Final = 2**32 - 1
 """Longest vector the kernels accept: indices are uint32."""
@@ -62,42 +63,40 @@ CANDIDATE_SLACK: Final = 1.5
 # ---- argument checks ----
 
 
-def _f32_vector(x: object, name: str, *, writable: bool = False) -> Float32Vector:
-    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 1:
+def _1d_vector(x: object, name: str, dtype: type[_Scalar]) -> npt.NDArray[_Scalar]:
+    """Return ``x`` if it is a contiguous 1-D numpy array of ``dtype``; else `BadBufferError`."""
+    dtype_name = np.dtype(dtype).name
+    if not isinstance(x, np.ndarray) or x.dtype != dtype or x.ndim != 1:
         got = (
             f"{type(x).__name__} of dtype {x.dtype} with {x.ndim} dimension(s)"
             if isinstance(x, np.ndarray)
             else type(x).__name__
         )
         raise BadBufferError(
-            f"{name} must be a 1-D float32 numpy array, got {got}: "
-            f"pass np.ascontiguousarray({name}, dtype=np.float32).ravel()"
+            f"{name} must be a 1-D {dtype_name} numpy array, got {got}: "
+            f"pass np.ascontiguousarray({name}, dtype=np.{dtype_name}).ravel()"
         )
     if not x.flags.c_contiguous:
         raise BadBufferError(f"{name} is not contiguous: pass np.ascontiguousarray({name})")
-    if writable and not x.flags.writeable:
-        raise BadBufferError(f"{name} is read-only but is updated in place: pass a writable copy")
-    if x.shape[0] > MAX_LENGTH:
-        raise BadBufferError(f"{name} has {x.shape[0]} entries, more than {MAX_LENGTH}: split it")
     return x
+
+
+def _f32_vector(x: object, name: str, *, writable: bool = False) -> Float32Vector:
+    checked = _1d_vector(x, name, np.float32)
+    if writable and not checked.flags.writeable:
+        raise BadBufferError(f"{name} is read-only but is updated in place: pass a writable copy")
+    if checked.shape[0] > MAX_LENGTH:
+        raise BadBufferError(
+            f"{name} has {checked.shape[0]} entries, more than {MAX_LENGTH}: split it"
+        )
+    return checked
 
 
 def _u32_vector(x: object, name: str, *, writable: bool = False) -> Uint32Vector:
-    if not isinstance(x, np.ndarray) or x.dtype != np.uint32 or x.ndim != 1:
-        got = (
-            f"{type(x).__name__} of dtype {x.dtype} with {x.ndim} dimension(s)"
-            if isinstance(x, np.ndarray)
-            else type(x).__name__
-        )
-        raise BadBufferError(
-            f"{name} must be a 1-D uint32 numpy array, got {got}: "
-            f"pass np.ascontiguousarray({name}, dtype=np.uint32).ravel()"
-        )
-    if not x.flags.c_contiguous:
-        raise BadBufferError(f"{name} is not contiguous: pass np.ascontiguousarray({name})")
-    if writable and not x.flags.writeable:
+    checked = _1d_vector(x, name, np.uint32)
+    if writable and not checked.flags.writeable:
         raise BadBufferError(f"{name} is read-only but is written: pass a writable array")
-    return x
+    return checked
 
 
 def _int_param(value: object, name: str, low: int, high: int) -> int:

@@ -280,6 +280,17 @@ class WeightedMean:
         self._count = 0
 
 
+def reset_or_new_mean(mean: WeightedMean | None, size: int) -> WeightedMean:
+    """Return ``mean`` reset when it already holds ``size`` parameters, else a new one.
+
+    How a strategy gets an empty accumulator each round without reallocating it.
+    """
+    if mean is None or mean.size != size:
+        return WeightedMean(size)
+    mean.reset()
+    return mean
+
+
 class BoundedBuffer:
     """Holds up to ``capacity`` decoded updates for statistics that need all of them.
 

@@ -61,6 +61,7 @@ from server_stub.aggregation import (
     clip_by_norm,
     coordinate_median,
     decode_into,
+    reset_or_new_mean,
     trimmed_mean,
 )
 
@@ -534,10 +535,7 @@ class FedAvg(Strategy):
         self._mean: WeightedMean | None = None
 
     def _prepare(self, size: int) -> None:
-        if self._mean is None or self._mean.size != size:
-            self._mean = WeightedMean(size)
-        else:
-            self._mean.reset()
+        self._mean = reset_or_new_mean(self._mean, size)
 
     def _weight(self, update: AcceptedUpdate) -> float:
         if self.weight_by == "uniform":
@@ -955,10 +953,7 @@ class FedBuff(Strategy):
         self._mean: WeightedMean | None = None
 
     def _prepare(self, size: int) -> None:
-        if self._mean is None or self._mean.size != size:
-            self._mean = WeightedMean(size)
-        else:
-            self._mean.reset()
+        self._mean = reset_or_new_mean(self._mean, size)
 
     def _accept(self, update: AcceptedUpdate) -> Verdict:
         assert self._mean is not None

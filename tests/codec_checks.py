@@ -15,10 +15,34 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from kernels.codec import UpdateCodec, get_codec
+from kernels.errors import CorruptPayloadError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "codecs"
+
+F32 = npt.NDArray[np.float32]
+
+
+class Float16Codec:
+    """A lossy stand-in for kernels.codec: float16 payloads, same decode/decode_accumulate API."""
+
+    def encode(self, x: F32) -> bytes:
+        return x.astype("<f2").tobytes()
+
+    def _parse(self, payload: bytes, size: int) -> npt.NDArray[np.float16]:
+        if len(payload) != 2 * size:
+            raise CorruptPayloadError(f"expected {2 * size} bytes, got {len(payload)}")
+        return np.frombuffer(payload, dtype="<f2")
+
+    def decode(self, payload: bytes, out: F32) -> F32:
+        out[:] = self._parse(payload, out.size)
+        return out
+
+    def decode_accumulate(self, payload: bytes, acc: F32, weight: float) -> F32:
+        acc += np.float32(weight) * self._parse(payload, acc.size).astype(np.float32)
+        return acc
 
 
 def check_roundtrip(codec: UpdateCodec, x: np.ndarray, atol: float | np.ndarray) -> np.ndarray:

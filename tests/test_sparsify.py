@@ -577,7 +577,7 @@ def test_scatter_accumulate_matches_add_at_definition(data: st.DataObject) -> No
     assert _bits(acc) == _bits(expected)
 
 
-@pytest.mark.parametrize(
+scatter_calls = pytest.mark.parametrize(
     "call",
     [
         lambda i, v, a: sparsify.scatter_accumulate(i, v, 0.5, a),
@@ -585,6 +585,10 @@ def test_scatter_accumulate_matches_add_at_definition(data: st.DataObject) -> No
     ],
     ids=["scatter_accumulate", "subtract_at"],
 )
+"""Both scatter writers, as ``call(indices, values, target)``."""
+
+
+@scatter_calls
 def test_scatter_with_out_of_range_index_raises_and_writes_nothing(
     call: Callable[[U32, F32, F32], None],
 ) -> None:
@@ -598,14 +602,7 @@ def test_scatter_with_out_of_range_index_raises_and_writes_nothing(
     assert np.all(acc == 1)
 
 
-@pytest.mark.parametrize(
-    "call",
-    [
-        lambda i, v, a: sparsify.scatter_accumulate(i, v, 0.5, a),
-        lambda i, v, a: sparsify.subtract_at(a, i, v),
-    ],
-    ids=["scatter_accumulate", "subtract_at"],
-)
+@scatter_calls
 def test_scatter_with_nonfinite_value_raises_and_writes_nothing(
     call: Callable[[U32, F32, F32], None],
 ) -> None:

@@ -15,7 +15,6 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from kernels.errors import CorruptPayloadError
 from server_stub.aggregation import UpdateSource
 from server_stub.strategies import (
     STRATEGIES,
@@ -39,32 +38,13 @@ from server_stub.strategies import (
     make_strategy,
     staleness_weight,
 )
+from tests.codec_checks import Float16Codec
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
 SIZE = 64
 ROUNDS = 3
 CLIENTS = 5
-
-
-class Float16Codec:
-    """A lossy stand-in for kernels.codec with the decode/decode_accumulate API."""
-
-    def encode(self, x: F32) -> bytes:
-        return x.astype("<f2").tobytes()
-
-    def _parse(self, payload: bytes, size: int) -> npt.NDArray[np.float16]:
-        if len(payload) != 2 * size:
-            raise CorruptPayloadError(f"expected {2 * size} bytes, got {len(payload)}")
-        return np.frombuffer(payload, dtype="<f2")
-
-    def decode(self, payload: bytes, out: F32) -> F32:
-        out[:] = self._parse(payload, out.size)
-        return out
-
-    def decode_accumulate(self, payload: bytes, acc: F32, weight: float) -> F32:
-        acc += np.float32(weight) * self._parse(payload, acc.size).astype(np.float32)
-        return acc
 
 
 @dataclass(frozen=True)
