@@ -76,7 +76,7 @@ def kernel_extensions() -> list:  # type: ignore[type-arg]
             f"kernels._{family}",
             [f"kernels/_{family}.pyx"],
             include_dirs=[np.get_include(), "kernels"],
-            depends=[f"kernels/_{family}_simd.h"],
+            depends=[f"kernels/_{family}_simd.h", "kernels/_stream.h"],
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
             extra_compile_args=cflags,
         )

@@ -1114,9 +1114,10 @@ class AgentRunner:
         feedback: dict[str, ErrorFeedback] | None = None
         if task.error_feedback:
             saved = self._load_residuals()
+            # ErrorFeedback only reads the residual it is given (the new one goes to a
+            # buffer of its own), so the committed state needs no defensive copy.
             feedback = {
-                name: ErrorFeedback(codec, int(t.size), t.ravel().copy())
-                for name, t in saved.items()
+                name: ErrorFeedback(codec, int(t.size), t.ravel()) for name, t in saved.items()
             }
         aux: dict[str, F32] | None = None
         if control is not None:

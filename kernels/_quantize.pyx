@@ -8,7 +8,10 @@ must give identical integer codes and identical float32 bits. Rules:
 * Inputs are never modified, except the arguments named ``residual`` and ``acc``.
 * The whole input is checked before anything is written: NaN/+-Inf raises
   :class:`kernels.errors.NonFiniteInputError` naming the first bad index, and
-  every output (and the error-feedback residual) is left untouched.
+  every output (and the error-feedback residual) is left untouched. The one
+  exception is error feedback into a separate ``residual_out``: it makes a single
+  pass, so on error its outputs hold partial results, while ``residual`` (the
+  device's state) is only read and stays as it was.
 * The loops run without the GIL in ``_quantize_simd.h`` (auto-vectorized C,
   AVX2 picked at run time on x86-64); this file checks arguments and calls them.
 
@@ -36,6 +39,10 @@ cdef extern from "_quantize_simd.h" nogil:
     void fq_quantize_block_feedback(const float *update, float *residual, size_t n, int bits,
                                     size_t block_size, int stochastic, uint64_t seed,
                                     uint8_t *packed, float *scales)
+    int64_t fq_quantize_block_feedback_to(const float *update, const float *residual,
+                                          float *residual_out, size_t n, int bits,
+                                          size_t block_size, int stochastic, uint64_t seed,
+                                          uint8_t *packed, float *scales)
     void fq_dequantize_block(const uint8_t *packed, const float *scales, size_t n, int bits,
                              size_t block_size, float *out)
     void fq_dequantize_block_acc(const uint8_t *packed, const float *scales, size_t n,
@@ -76,6 +83,13 @@ cdef int _check_len(str name, Py_ssize_t have, Py_ssize_t need) except -1:
     if have < need:
         raise BadBufferError(f"{name} holds {have} elements but {need} are needed; "
                              f"allocate at least {need}")
+    return 0
+
+
+cdef int _check_apart(str a, const float *pa, str b, const float *pb, size_t n) except -1:
+    if pa < pb + n and pb < pa + n:
+        raise BadBufferError(f"{a} overlaps {b}; pass a separate array, or the residual "
+                             "itself to update it in place")
     return 0
 
 
@@ -195,10 +209,16 @@ def quantize_block(const float[::1] x, int bits, Py_ssize_t block_size, bint sto
                           &packed_out[0], &scales_out[0])
 
 
-def quantize_block_feedback(const float[::1] update, float[::1] residual, int bits,
+def quantize_block_feedback(const float[::1] update, const float[::1] residual, int bits,
                             Py_ssize_t block_size, bint stochastic, uint64_t seed,
-                            uint8_t[::1] packed_out, float[::1] scales_out):
-    """residual += update; quantize residual; residual -= dequantized (one pass per block)."""
+                            uint8_t[::1] packed_out, float[::1] scales_out,
+                            float[::1] residual_out):
+    """residual_out = residual + update - dequantize(codes); codes = quantize(residual + update).
+
+    ``residual_out`` is either ``residual`` itself (updated in place: the whole sum
+    is checked first, then one fused pass) or a separate array (one pass that only
+    reads ``residual``; on error the outputs hold partial results).
+    """
     cdef size_t n = <size_t>update.shape[0]
     cdef uint32_t m = 0
     cdef int64_t i
@@ -207,19 +227,32 @@ def quantize_block_feedback(const float[::1] update, float[::1] residual, int bi
     if residual.shape[0] != update.shape[0]:
         raise BadBufferError(f"residual has {residual.shape[0]} elements but update has "
                              f"{update.shape[0]}; keep one residual per parameter vector")
+    if residual_out.shape[0] != update.shape[0]:
+        raise BadBufferError(f"residual_out has {residual_out.shape[0]} elements but update "
+                             f"has {update.shape[0]}")
     _check_len("packed_out", packed_out.shape[0], _packed_nbytes(update.shape[0], bits))
     _check_len("scales_out", scales_out.shape[0], _num_blocks(update.shape[0], block_size))
     if n == 0:
         return
-    # Check every residual + update before writing, so a bad update leaves the
-    # residual (device state kept between rounds) exactly as it was.
+    if &residual_out[0] != &residual[0]:
+        _check_apart("residual_out", &residual_out[0], "residual", &residual[0], n)
+        _check_apart("residual_out", &residual_out[0], "update", &update[0], n)
+        with nogil:
+            i = fq_quantize_block_feedback_to(&update[0], &residual[0], &residual_out[0], n,
+                                              bits, <size_t>block_size, stochastic, seed,
+                                              &packed_out[0], &scales_out[0])
+        if i >= 0:
+            raise _nonfinite("residual + update", i, <float>(residual[i] + update[i]))
+        return
+    # In place: check every residual + update before writing, so a bad update
+    # leaves the residual (device state kept between rounds) exactly as it was.
     with nogil:
         m = fq_max_absbits_sum(&residual[0], &update[0], n)
     if m > FQ_MAX_FINITE_BITS:
         i = fq_first_nonfinite_sum(&residual[0], &update[0], n)
         raise _nonfinite("residual + update", i, <float>(residual[i] + update[i]))
     with nogil:
-        fq_quantize_block_feedback(&update[0], &residual[0], n, bits, <size_t>block_size,
+        fq_quantize_block_feedback(&update[0], &residual_out[0], n, bits, <size_t>block_size,
                                    stochastic, seed, &packed_out[0], &scales_out[0])
 
 

@@ -30,6 +30,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "_stream.h"
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FQ_CLONES __attribute__((target_clones("avx2", "default")))
 #else
@@ -153,6 +155,13 @@ FQ_CLONES static void fq_affine_dequantize_acc(const uint8_t *codes, size_t n, f
 #define FQ_GROUP_ELEMS 4096 /* a group spans at most this many elements (16 KiB) if it can */
 
 FQ_INLINE int fq_qmax(int bits) { return bits == 8 ? 127 : (bits == 4 ? 7 : 1); }
+
+/* Blocks per group: FQ_GROUP, fewer when that would span more than FQ_GROUP_ELEMS
+ * elements, at least one. */
+FQ_INLINE size_t fq_group_blocks(size_t bs) {
+    size_t g = bs >= FQ_GROUP_ELEMS / FQ_GROUP ? FQ_GROUP_ELEMS / bs : FQ_GROUP;
+    return g == 0 ? 1 : g;
+}
 
 /* Scales and reciprocals of FQ_GROUP blocks from their absmax bit patterns. The
  * divisions are independent, so they vectorize instead of stalling once per block.
@@ -279,8 +288,7 @@ FQ_INLINE void fq_blocks(float *xw, const float *update, const float *x, size_t 
                          float *scales) {
     const float fq = (float)fq_qmax(bits);
     size_t nblocks = (n + bs - 1) / bs;
-    size_t gmax = bs >= FQ_GROUP_ELEMS / FQ_GROUP ? FQ_GROUP_ELEMS / bs : FQ_GROUP;
-    if (gmax == 0) gmax = 1;
+    size_t gmax = fq_group_blocks(bs);
     for (size_t b0 = 0; b0 < nblocks; b0 += gmax) {
         size_t g = nblocks - b0 < gmax ? nblocks - b0 : gmax;
         uint32_t ab[FQ_GROUP] = {0};
@@ -333,6 +341,103 @@ FQ_CLONES static void fq_quantize_block_feedback(const float *update, float *res
         fq_blocks(residual, update, residual, n, 4, block_size, stochastic, seed, packed, scales);
     else
         fq_blocks(residual, update, residual, n, 2, block_size, stochastic, seed, packed, scales);
+}
+
+/* Absmax bit pattern of the sums r[k] + u[k] of a block (nothing is written). */
+FQ_INLINE uint32_t fq_block_absbits_sum(const float *r, const float *u, size_t len) {
+    uint32_t m = 0;
+    for (size_t k = 0; k < len; k++) {
+        uint32_t b = fq_absbits(r[k] + u[k]);
+        m = b > m ? b : m;
+    }
+    return m;
+}
+
+/* One block of out-of-place error feedback (pointers at the block's start): the
+ * sums s = r + u go through a stack stage chunk by chunk, the codes of s go to
+ * packed storage, and ro = s - code * scale. Same operations, so the same bits,
+ * as the in-place fq_block_quantize path. */
+FQ_INLINE void fq_block_feedback_to(const float *r, const float *u, float *ro, int stream,
+                                    size_t len, size_t start, int bits, int stochastic, uint64_t seed,
+                                    float scale, float inv, uint8_t *packed) {
+    const float fq = (float)fq_qmax(bits);
+    float s[FQ_CHUNK];
+    int8_t stage[FQ_CHUNK];
+    for (size_t off = 0; off < len; off += FQ_CHUNK) {
+        size_t m = len - off < FQ_CHUNK ? len - off : FQ_CHUNK;
+        for (size_t k = 0; k < m; k++) s[k] = r[off + k] + u[off + k];
+        int8_t *codes = bits == 8 ? (int8_t *)packed + start + off : stage;
+        if (stochastic)
+            fq_codes_stochastic(s, m, inv, fq, seed, (uint64_t)(start + off), codes);
+        else
+            fq_codes_rint(s, m, inv, fq_qmax(bits), codes);
+        if (bits != 8) fq_pack(codes, m, bits, packed + (start + off) * (size_t)bits / 8);
+        for (size_t k = 0; k < m; k++) s[k] = s[k] - (float)codes[k] * scale;
+        fs_store(ro + off, s, m, stream);
+    }
+}
+
+/* The block loop of out-of-place error feedback. Per group of blocks (<= 16 KiB of
+ * each input, so the second read hits L1/L2): absmax of every block's sums, which
+ * also finds NaN/Inf, then the scales, then codes and new residual. Returns -1, or
+ * the index of the first non-finite sum (the outputs then hold partial results;
+ * residual and update are only ever read). */
+FQ_INLINE int64_t fq_blocks_to(const float *u, const float *r, float *ro, size_t n, int bits,
+                               size_t bs, int stochastic, uint64_t seed, uint8_t *packed,
+                               float *scales) {
+    const float fq = (float)fq_qmax(bits);
+    const int stream = fs_stream_worth(ro, n);
+    size_t nblocks = (n + bs - 1) / bs;
+    size_t gmax = fq_group_blocks(bs);
+    for (size_t b0 = 0; b0 < nblocks; b0 += gmax) {
+        size_t g = nblocks - b0 < gmax ? nblocks - b0 : gmax;
+        uint32_t ab[FQ_GROUP] = {0};
+        uint32_t worst = 0;
+        float sc[FQ_GROUP], iv[FQ_GROUP];
+        for (size_t j = 0; j < g; j++) {
+            size_t start = (b0 + j) * bs;
+            size_t len = n - start < bs ? n - start : bs;
+            ab[j] = len == 64 ? fq_block_absbits_sum(r + start, u + start, 64)
+                              : fq_block_absbits_sum(r + start, u + start, len);
+            worst = ab[j] > worst ? ab[j] : worst;
+        }
+        if (worst > FQ_MAX_FINITE_BITS) {
+            size_t gstart = b0 * bs;
+            size_t gend = (b0 + g) * bs < n ? (b0 + g) * bs : n;
+            fs_stream_done(stream);
+            return (int64_t)gstart + fq_first_nonfinite_sum(r + gstart, u + gstart, gend - gstart);
+        }
+        fq_group_scales(ab, fq, sc, iv);
+        for (size_t j = 0; j < g; j++) {
+            size_t start = (b0 + j) * bs;
+            size_t len = n - start < bs ? n - start : bs;
+            scales[b0 + j] = sc[j];
+            if (len == 64)
+                fq_block_feedback_to(r + start, u + start, ro + start, stream, 64, start, bits,
+                                     stochastic, seed, sc[j], iv[j], packed);
+            else
+                fq_block_feedback_to(r + start, u + start, ro + start, stream, len, start, bits,
+                                     stochastic, seed, sc[j], iv[j], packed);
+        }
+    }
+    fs_stream_done(stream);
+    return -1;
+}
+
+/* Error feedback out of place: the new residual goes to ro (not overlapping
+ * residual or update), in one pass with no separate check. See fq_blocks_to. */
+FQ_CLONES static int64_t fq_quantize_block_feedback_to(const float *update, const float *residual,
+                                                       float *ro, size_t n, int bits,
+                                                       size_t block_size, int stochastic,
+                                                       uint64_t seed, uint8_t *packed,
+                                                       float *scales) {
+    if (bits == 8)
+        return fq_blocks_to(update, residual, ro, n, 8, block_size, stochastic, seed, packed,
+                            scales);
+    if (bits == 4)
+        return fq_blocks_to(update, residual, ro, n, 4, block_size, stochastic, seed, packed,
+                            scales);
+    return fq_blocks_to(update, residual, ro, n, 2, block_size, stochastic, seed, packed, scales);
 }
 
 /* Decode one block's codes into out[0:len] as code * scale, or, when acc is

@@ -221,6 +221,21 @@ def quantize_block(
     _pack(codes, bits, packed_out)
 
 
+def _same_buffer(a: F32, b: F32) -> bool:
+    """True when a and b are views of the same memory, element for element."""
+    return bool(
+        a.shape == b.shape and a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+    )
+
+
+def _check_apart(a_name: str, a: F32, b_name: str, b: F32) -> None:
+    if np.may_share_memory(a, b):
+        raise BadBufferError(
+            f"{a_name} overlaps {b_name}; pass a separate array, or the residual "
+            "itself to update it in place"
+        )
+
+
 def quantize_block_feedback(
     update: F32,
     residual: F32,
@@ -230,8 +245,13 @@ def quantize_block_feedback(
     seed: int,
     packed_out: U8,
     scales_out: F32,
+    residual_out: F32,
 ) -> None:
-    """residual += update; quantize residual; residual -= its dequantized value."""
+    """residual_out = residual + update - dequantize(quantize(residual + update)).
+
+    ``residual_out`` is ``residual`` itself (in place) or a separate array; either
+    way ``residual`` keeps its value when the sum has a NaN/Inf.
+    """
     _qmax(bits)
     _check_block_size(block_size)
     n = update.shape[0]
@@ -240,17 +260,24 @@ def quantize_block_feedback(
             f"residual has {residual.shape[0]} elements but update has {n}; "
             "keep one residual per parameter vector"
         )
+    if residual_out.shape[0] != n:
+        raise BadBufferError(
+            f"residual_out has {residual_out.shape[0]} elements but update has {n}"
+        )
     _check_len("packed_out", packed_out.shape[0], _packed_nbytes(n, bits))
     _check_len("scales_out", scales_out.shape[0], _num_blocks(n, block_size))
     if n == 0:
         return
+    if not _same_buffer(residual_out, residual):
+        _check_apart("residual_out", residual_out, "residual", residual)
+        _check_apart("residual_out", residual_out, "update", update)
     with np.errstate(over="ignore"):  # an overflowing sum is reported just below
         total = residual + update
     _check_finite("residual + update", total)  # before any write: state stays intact
     codes, scales = _block_codes(total, bits, block_size, stochastic, seed)
     scales_out[: scales.shape[0]] = scales
     _pack(codes, bits, packed_out)
-    residual[:] = total - codes.astype(np.float32) * np.repeat(scales, block_size)[:n]
+    residual_out[:] = total - codes.astype(np.float32) * np.repeat(scales, block_size)[:n]
 
 
 def _block_values(packed: U8, scales: F32, n: int, bits: int, block_size: int) -> F32:
@@ -523,15 +550,19 @@ def topk_feedback(
     scratch: U32,
     out_indices: U32,
     out_values: F32,
+    residual_out: F32,
 ) -> int:
-    """``residual += update``, then :func:`topk_sampled` of the new residual, in one pass.
+    """``residual_out = residual + update``, then :func:`topk_sampled` of it, in one pass.
 
-    The sample is read as ``residual[j] + update[j]``. On a non-finite sum nothing is
-    written. The caller subtracts what it sent with :func:`subtract_at`.
+    ``residual_out`` is ``residual`` itself (in place) or a separate array. The
+    sample is read as ``residual[j] + update[j]``. On a non-finite sum ``residual``
+    keeps its value. The caller subtracts what it sent with :func:`subtract_at`.
     """
     n = residual.shape[0]
     if update.shape[0] != n:
         raise _sp_bad(f"update has {update.shape[0]} entries but residual has {n}")
+    if residual_out.shape[0] != n:
+        raise _sp_bad(f"residual_out has {residual_out.shape[0]} entries but residual has {n}")
     _sp_check_sample_args(
         n,
         k,
@@ -543,12 +574,15 @@ def topk_feedback(
         out_indices=out_indices,
         out_values=out_values,
     )
+    if n and not _same_buffer(residual_out, residual):
+        _check_apart("residual_out", residual_out, "residual", residual)
+        _check_apart("residual_out", residual_out, "update", update)
     with np.errstate(over="ignore", invalid="ignore"):  # reported just below
         total = residual + update
     _sp_check_sum_finite(update, residual, total)
-    residual[:] = total
+    residual_out[:] = total
     return _sp_select(
-        residual,
+        residual_out,
         k,
         seed=seed,
         sample_size=sample_size,

@@ -31,6 +31,9 @@ cdef extern from "_sparsify_simd.h" nogil:
                             uint32_t *cbits, Py_ssize_t cap, int *nonfinite)
     Py_ssize_t fe_add_select_ge(float *r, const float *u, Py_ssize_t n, uint32_t t,
                                 uint32_t *cand, uint32_t *cbits, Py_ssize_t cap)
+    Py_ssize_t fe_add_select_ge_to(const float *r, const float *u, float *ro, Py_ssize_t n,
+                                   uint32_t t, uint32_t *cand, uint32_t *cbits, Py_ssize_t cap,
+                                   int *nonfinite)
     void fe_sample_keys(const float *x, Py_ssize_t n, uint64_t seed, Py_ssize_t s, uint32_t *keys)
     void fe_sample_keys_sum(const float *r, const float *u, Py_ssize_t n, uint64_t seed,
                             Py_ssize_t s, uint32_t *keys)
@@ -207,12 +210,14 @@ def topk_sampled(const float[::1] x, Py_ssize_t k, uint64_t seed, Py_ssize_t sam
     return count
 
 
-def topk_feedback(const float[::1] update, float[::1] residual, Py_ssize_t k, uint64_t seed,
-                  Py_ssize_t sample_size, Py_ssize_t sample_rank, bint exact,
+def topk_feedback(const float[::1] update, const float[::1] residual, Py_ssize_t k,
+                  uint64_t seed, Py_ssize_t sample_size, Py_ssize_t sample_rank, bint exact,
                   uint32_t[::1] cand, uint32_t[::1] scratch, uint32_t[::1] out_indices,
-                  float[::1] out_values):
-    """``residual += update`` fused with :func:`topk_sampled` of the new residual.
+                  float[::1] out_values, float[::1] residual_out):
+    """``residual_out = residual + update`` fused with :func:`topk_sampled` of it.
 
+    ``residual_out`` is ``residual`` itself (in place: the sum is checked for
+    NaN/Inf first) or a separate array (one pass; ``residual`` is only read).
     See the twin in ``kernels._reference`` for the full contract.
     """
     cdef Py_ssize_t n = residual.shape[0]
@@ -223,36 +228,64 @@ def topk_feedback(const float[::1] update, float[::1] residual, Py_ssize_t k, ui
     cdef Py_ssize_t unused_eq = 0
     cdef int unused_nf = 0
     cdef float *r
+    cdef const float *rin
+    cdef bint apart
     if update.shape[0] != n:
         raise BadBufferError(f"update has {update.shape[0]} entries but residual has {n}")
+    if residual_out.shape[0] != n:
+        raise BadBufferError(f"residual_out has {residual_out.shape[0]} entries but residual "
+                             f"has {n}")
     _check_sample_args(k, sample_size, sample_rank, exact, cap, scratch.shape[0],
                        out_indices.shape[0], out_values.shape[0], n)
     if n == 0:
         return 0
-    r = &residual[0]
+    r = &residual_out[0]
+    rin = &residual[0]
+    apart = r != rin
+    if apart:
+        _check_apart(r, rin, n, "residual")
+        _check_apart(r, &update[0], n, "update")
     with nogil:
-        # Read-only check first, so a non-finite sum leaves the residual untouched:
-        # the fused pass below writes the residual as it goes.
-        nonfinite = fe_any_nonfinite_sum(r, &update[0], n)
-        if not nonfinite:
-            if k == 0 or sample_size == 0 or k == n:
-                for i in range(n):
-                    r[i] = r[i] + update[i]
-                if k > 0:
-                    count = _exact_nogil(r, n, k, &out_indices[0], &out_values[0], &nonfinite)
+        if not apart:
+            # In place: a read-only check first, so a non-finite sum leaves the
+            # residual untouched (the fused pass below writes it as it goes).
+            nonfinite = fe_any_nonfinite_sum(r, &update[0], n)
+        if nonfinite:
+            pass
+        elif k == 0 or sample_size == 0 or k == n:
+            for i in range(n):
+                r[i] = rin[i] + update[i]
+            if k > 0:
+                count = _exact_nogil(r, n, k, &out_indices[0], &out_values[0], &nonfinite)
             else:
-                fe_sample_keys_sum(r, &update[0], n, seed, sample_size, &scratch[0])
-                t = fe_radix_kth(&scratch[0], sample_size, sample_rank, &unused_eq, &unused_nf)
+                nonfinite = fe_any_nonfinite(<const uint32_t *>r, n)
+        else:
+            fe_sample_keys_sum(rin, &update[0], n, seed, sample_size, &scratch[0])
+            t = fe_radix_kth(&scratch[0], sample_size, sample_rank, &unused_eq, &unused_nf)
+            if apart:
+                c = fe_add_select_ge_to(rin, &update[0], r, n, t,
+                                        &cand[0] if cap > 0 else NULL, &scratch[0], cap,
+                                        &nonfinite)
+            else:
                 c = fe_add_select_ge(r, &update[0], n, t, &cand[0] if cap > 0 else NULL,
                                      &scratch[0], cap)
-                if c < k:
-                    count = _exact_nogil(r, n, k, &out_indices[0], &out_values[0], &nonfinite)
-                else:
-                    count = _candidates_nogil(k, exact, &cand[0], &scratch[0], c,
-                                              &out_indices[0], &out_values[0])
+            if nonfinite:
+                pass
+            elif c < k:
+                count = _exact_nogil(r, n, k, &out_indices[0], &out_values[0], &nonfinite)
+            else:
+                count = _candidates_nogil(k, exact, &cand[0], &scratch[0], c,
+                                          &out_indices[0], &out_values[0])
     if nonfinite:
         _raise_nonfinite_sum(update, residual)
     return count
+
+
+cdef int _check_apart(const float *ro, const float *other, Py_ssize_t n, str name) except -1:
+    if ro < other + n and other < ro + n:
+        raise BadBufferError(f"residual_out overlaps {name}; pass a separate array, or the "
+                             "residual itself to update it in place")
+    return 0
 
 
 # ---- scatter ----

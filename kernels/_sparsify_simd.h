@@ -1,10 +1,11 @@
 /* Hot loops of the sparsification kernels (kernels/_sparsify.pyx), in plain C.
  *
  * Rules of this file:
- *  - Portable C99 only: no intrinsics, no target attributes. The loops are written
- *    so that GCC/Clang at -O3 auto-vectorize them with the baseline SIMD of the
- *    target (SSE2 on x86-64, NEON on aarch64), which is what a cross-built Pi
- *    wheel gets. Never rely on -march=native.
+ *  - Portable C99 only: no target attributes, and no intrinsics except the
+ *    non-temporal stores behind _stream.h. The loops are written so that GCC/Clang
+ *    at -O3 auto-vectorize them with the baseline SIMD of the target (SSE2 on
+ *    x86-64, NEON on aarch64), which is what a cross-built Pi wheel gets. Never
+ *    rely on -march=native.
  *  - Nothing here allocates or touches Python; every function runs without the GIL.
  *  - Magnitudes are compared as integer "keys": the float32 bit pattern with the
  *    sign bit cleared. For finite values, key order == |x| order (and -0.0 == +0.0),
@@ -18,6 +19,8 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "_stream.h"
 
 #define FE_ABS_MASK 0x7fffffffu
 #define FE_NONFINITE_KEY 0x7f800000u
@@ -65,8 +68,10 @@ static inline uint32_t fe_block_any_ge(const uint32_t *xb, uint32_t tm1, fe_acc 
     return fe_acc_or(any);
 }
 
-/* r[j] += u[j] over the block; returns the OR of (tm1 - key(r[j])) after the add. */
-static inline uint32_t fe_block_add_any_ge(float *r, const float *u, uint32_t tm1)
+/* ro[j] = r[j] + u[j] over the block (ro is r itself, or apart from r and u);
+ * returns the OR of (tm1 - key) of the sums and ORs key + bias into *bad. */
+static inline uint32_t fe_block_add_to_any_ge(const float *r, const float *u, float *ro,
+                                              int stream, uint32_t tm1, fe_acc *bad)
 {
     fe_v4u any = FE_ACC_ZERO;
     for (int j = 0; j < FE_BLOCK; j += 4) {
@@ -75,9 +80,11 @@ static inline uint32_t fe_block_add_any_ge(float *r, const float *u, uint32_t tm
         memcpy(&a, r + j, sizeof a);
         memcpy(&b, u + j, sizeof b);
         a = a + b;
-        memcpy(r + j, &a, sizeof a);
+        fs_store4(ro + j, (const float *)&a, stream);
         memcpy(&v, &a, sizeof v);
-        any |= tm1 - (v & FE_ABS_MASK);
+        v &= FE_ABS_MASK;
+        any |= tm1 - v;
+        *bad |= v + FE_FINITE_BIAS;
     }
     return fe_acc_or(any);
 }
@@ -115,13 +122,16 @@ static inline uint32_t fe_block_any_ge(const uint32_t *xb, uint32_t tm1, fe_acc 
     return any;
 }
 
-static inline uint32_t fe_block_add_any_ge(float *r, const float *u, uint32_t tm1)
+static inline uint32_t fe_block_add_to_any_ge(const float *r, const float *u, float *ro,
+                                              int stream, uint32_t tm1, fe_acc *bad)
 {
     uint32_t any = 0;
+    (void)stream;
     for (int j = 0; j < FE_BLOCK; j++) {
         float s = r[j] + u[j];
-        r[j] = s;
+        ro[j] = s;
         any |= tm1 - fe_key(s);
+        *bad |= fe_key(s) + FE_FINITE_BIAS;
     }
     return any;
 }
@@ -362,10 +372,11 @@ static ptrdiff_t fe_add_select_ge(float *r, const float *u, ptrdiff_t n, uint32_
 {
     const uint32_t *rb = (const uint32_t *)r;
     const uint32_t tm1 = t - 1u;
+    fe_acc unused_bad = FE_ACC_ZERO; /* the caller has checked the sums already */
     ptrdiff_t c = 0, i = 0;
     int overflow = 0;
     for (; i + FE_BLOCK <= n; i += FE_BLOCK) {
-        uint32_t any = fe_block_add_any_ge(r + i, u + i, tm1);
+        uint32_t any = fe_block_add_to_any_ge(r + i, u + i, r + i, 0, tm1, &unused_bad);
         if (!(any & FE_TOP_BIT) || overflow) {
             continue;
         }
@@ -401,6 +412,73 @@ static ptrdiff_t fe_add_select_ge(float *r, const float *u, ptrdiff_t n, uint32_
             }
         }
     }
+    return overflow ? -1 : c;
+}
+
+/* Out-of-place fused error-feedback pass: ro[i] = r[i] + u[i] for every i (ro apart
+ * from r and u, which are only read), and every i with key(ro[i]) >= t stored into
+ * cand[0..cap), its bits into cbits. Returns the count, or -1 when more than cap
+ * candidates exist (ro is still written to the end). *nonfinite is set when some
+ * sum is NaN/Inf; no separate check is needed, since r stays intact either way. */
+static ptrdiff_t fe_add_select_ge_to(const float *r, const float *u, float *ro, ptrdiff_t n,
+                                     uint32_t t, uint32_t *cand, uint32_t *cbits, ptrdiff_t cap,
+                                     int *nonfinite)
+{
+    const uint32_t tm1 = t - 1u;
+    const int stream = fs_stream_worth(ro, (size_t)n);
+    fe_acc vbad = FE_ACC_ZERO;
+    uint32_t bad = 0;
+    ptrdiff_t c = 0, i = 0;
+    int overflow = 0;
+    for (; i + FE_BLOCK <= n; i += FE_BLOCK) {
+        /* The sums of candidate blocks are recomputed from r and u below (still in
+         * L1) rather than read back from ro, which streamed stores bypass. */
+        uint32_t any = fe_block_add_to_any_ge(r + i, u + i, ro + i, stream, tm1, &vbad);
+        if (!(any & FE_TOP_BIT) || overflow) {
+            continue;
+        }
+        if (c + FE_BLOCK <= cap) {
+            for (int j = 0; j < FE_BLOCK; j++) {
+                float s = r[i + j] + u[i + j];
+                uint32_t b;
+                memcpy(&b, &s, sizeof b);
+                cand[c] = (uint32_t)(i + j);
+                cbits[c] = b;
+                c += (b & FE_ABS_MASK) >= t;
+            }
+        } else {
+            for (int j = 0; j < FE_BLOCK && !overflow; j++) {
+                float s = r[i + j] + u[i + j];
+                uint32_t b;
+                memcpy(&b, &s, sizeof b);
+                if ((b & FE_ABS_MASK) >= t) {
+                    if (c == cap) {
+                        overflow = 1;
+                    } else {
+                        cand[c] = (uint32_t)(i + j);
+                        cbits[c++] = b;
+                    }
+                }
+            }
+        }
+    }
+    for (; i < n; i++) {
+        float s = r[i] + u[i];
+        uint32_t b;
+        memcpy(&b, &s, sizeof b);
+        ro[i] = s;
+        bad |= (b & FE_ABS_MASK) + FE_FINITE_BIAS;
+        if (!overflow && (b & FE_ABS_MASK) >= t) {
+            if (c == cap) {
+                overflow = 1;
+            } else {
+                cand[c] = (uint32_t)i;
+                cbits[c++] = b;
+            }
+        }
+    }
+    fs_stream_done(stream);
+    *nonfinite = ((bad | fe_acc_or(vbad)) & FE_TOP_BIT) != 0;
     return overflow ? -1 : c;
 }
 

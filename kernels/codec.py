@@ -46,7 +46,10 @@ Payload layouts (all little-endian; ``n`` is the vector length):
   element ``4i`` in the lowest two bits; two's complement codes).
 * ``topk``: ``u32 n | u32 k | u32 index_nbytes | delta+varint indices |
   value codec payload of the k kept values``.
-* ``zstd`` / ``zlib``: ``u8 tag ('Z' zstd, 'z' zlib) | compressed stream``.
+* ``zstd`` / ``zlib``: ``u8 tag ('Z' zstd, 'z' zlib) | compressed stream``, or
+  ``u8 tag 'S' | the input bytes`` (stored) when compressing would not make the
+  input smaller, as with the ~100 bytes of a top-k payload of a small model, where
+  a zstd frame adds 9 bytes of its own. Either byte codec decodes all three tags.
 """
 
 from __future__ import annotations
@@ -506,12 +509,20 @@ class TopK(UpdateCodec):
         return sparsify.topk_sampled(x, k, seed=self.seed, exact=self.trim)
 
     def select_feedback(
-        self, update: Float32Vector, residual: Float32Vector
+        self,
+        update: Float32Vector,
+        residual: Float32Vector,
+        residual_out: Float32Vector | None = None,
     ) -> tuple[npt.NDArray[np.uint32], Float32Vector]:
-        """Add ``update`` into ``residual`` and select from the result, in one pass."""
+        """Add ``update`` into ``residual`` (or into ``residual_out``) and select, in one pass."""
         k = self.count(update.size)
         return sparsify.topk_feedback(
-            update, residual, k, exact=self.exact or self.trim, seed=self.seed
+            update,
+            residual,
+            k,
+            exact=self.exact or self.trim,
+            seed=self.seed,
+            residual_out=residual_out,
         )
 
     def pack(self, n: int, indices: npt.NDArray[np.uint32], values_payload: bytes) -> bytes:
@@ -567,6 +578,22 @@ class TopK(UpdateCodec):
 
 _TAG_ZSTD = ord("Z")
 _TAG_ZLIB = ord("z")
+_TAG_STORED = ord("S")
+
+
+def _smaller_of(tag: int, compressed: bytes, data: bytes) -> bytes:
+    """Tagged compressed bytes, or the input stored as is when that is not larger."""
+    if len(compressed) < len(data):
+        return bytes([tag]) + compressed
+    return bytes([_TAG_STORED]) + data
+
+
+def _stored(body: memoryview, max_size: int) -> bytes:
+    if len(body) > max_size:
+        raise CorruptPayloadError(
+            f"stored payload has {len(body)} bytes, past the {max_size} bound"
+        )
+    return bytes(body)
 
 
 def _zlib_decompress(data: memoryview, max_size: int) -> bytes:
@@ -596,9 +623,11 @@ class Zlib(ByteCodec):
         return {"level": self.level}
 
     def compress(self, data: bytes) -> bytes:
-        return bytes([_TAG_ZLIB]) + zlib.compress(data, self.level)
+        return _smaller_of(_TAG_ZLIB, zlib.compress(data, self.level), data)
 
     def decompress(self, data: memoryview, max_size: int) -> bytes:
+        if len(data) >= 1 and data[0] == _TAG_STORED:
+            return _stored(data[1:], max_size)
         if len(data) < 1 or data[0] != _TAG_ZLIB:
             raise CorruptPayloadError("zlib payload has a missing or wrong tag byte")
         return _zlib_decompress(data[1:], max_size)
@@ -624,14 +653,16 @@ class Zstd(ByteCodec):
 
     def compress(self, data: bytes) -> bytes:
         if _zstd is None:  # pragma: no cover - only without zstandard
-            return bytes([_TAG_ZLIB]) + zlib.compress(data, 6)
+            return _smaller_of(_TAG_ZLIB, zlib.compress(data, 6), data)
         frame: bytes = _zstd.ZstdCompressor(level=self.level).compress(data)
-        return bytes([_TAG_ZSTD]) + frame
+        return _smaller_of(_TAG_ZSTD, frame, data)
 
     def decompress(self, data: memoryview, max_size: int) -> bytes:
         if len(data) < 1:
             raise CorruptPayloadError("zstd payload is empty")
         tag, body = data[0], data[1:]
+        if tag == _TAG_STORED:
+            return _stored(body, max_size)
         if tag == _TAG_ZLIB:
             return _zlib_decompress(body, max_size)
         if tag != _TAG_ZSTD:
@@ -854,6 +885,10 @@ def parse_codec(text: str) -> dict[str, JSONValue]:
 # ---------------------------------------------------------------------------- error feedback
 
 
+IN_PLACE_BELOW_NBYTES = 16 << 20
+"""ErrorFeedback's default: residuals smaller than this are updated in place."""
+
+
 class ErrorFeedback:
     """Error feedback around a codec: what compression drops this round is sent later.
 
@@ -863,20 +898,73 @@ class ErrorFeedback:
     top-k codecs (alone or first in a pipeline) use fused kernels; other codecs
     take the generic three-step path. On bad input (wrong size, NaN) the
     residual is left untouched.
+
+    Two ways to update the residual, both leaving it intact on error:
+
+    * double-buffered: each :meth:`encode` writes the new residual into a second
+      buffer and then makes it :attr:`residual`. The fused kernels read the update
+      and the old residual once and write the new one once, with no separate
+      NaN/Inf check, because an error cannot damage a residual that is only read.
+      Costs one more model-sized float32 buffer; faster once the arrays no
+      longer fit in the CPU's caches.
+    * in place: one buffer, but the whole ``residual + update`` is checked before
+      the first write, which reads both arrays one extra time. Faster for
+      cache-sized residuals, and the choice for devices short of memory.
+
+    ``in_place=None`` (the default) picks in place below
+    :data:`IN_PLACE_BELOW_NBYTES` (16 MiB, 4 M parameters) and double-buffered
+    above. The array passed as ``residual`` is never modified (it is copied when
+    updated in place). After :meth:`encode`, :attr:`residual` may be a different
+    array; a double-buffered object reuses its buffers every other round, so
+    copy :attr:`residual` to keep it across two :meth:`encode` calls.
     """
 
     def __init__(
-        self, codec: UpdateCodec, size: int, residual: Float32Vector | None = None
+        self,
+        codec: UpdateCodec,
+        size: int,
+        residual: Float32Vector | None = None,
+        *,
+        in_place: bool | None = None,
     ) -> None:
         self.codec = codec
+        if in_place is None:
+            in_place = 4 * size < IN_PLACE_BELOW_NBYTES
+        self.in_place = bool(in_place)
         if residual is None:
             residual = np.zeros(size, dtype=np.float32)
-        residual = _check_out(residual, "residual")
+            owned = True
+        else:
+            residual = _check_vector(residual, "residual")
+            owned = False
         if residual.size != size:
             raise BadBufferError(f"residual has {residual.size} elements, the model has {size}")
-        self.residual: Float32Vector = residual
+        if self.in_place and not owned:
+            residual, owned = residual.copy(), True
+        self._residual: Float32Vector = residual
+        self._owned = owned  # whether self._residual was allocated here (and may be reused)
+        self._spare: Float32Vector | None = None  # an allocated buffer not in use
         pipeline = codec if isinstance(codec, Pipeline) else Pipeline(stages=[codec.get_config()])
         self._pipeline = pipeline
+
+    @property
+    def residual(self) -> Float32Vector:
+        """What has not been sent yet (float32, the model's length): the state to persist."""
+        return self._residual
+
+    def _target(self) -> Float32Vector:
+        """The buffer the next residual is written to."""
+        if self.in_place:
+            return self.residual
+        if self._spare is None:
+            self._spare = np.empty_like(self.residual)
+        return self._spare
+
+    def _commit(self, new: Float32Vector) -> None:
+        if new is not self.residual:
+            self._spare = self._residual if self._owned else None
+            self._residual = new
+            self._owned = True
 
     def encode(self, update: Float32Vector) -> bytes:
         """Encode ``update`` plus the carried residual, and keep what was not sent."""
@@ -885,10 +973,11 @@ class ErrorFeedback:
             raise BadBufferError(
                 f"update has {update.size} elements, the residual {self.residual.size}"
             )
+        target = self._target()
         p = self._pipeline
         if p.sparsifier is not None:
-            return self._encode_sparse(update, p, p.sparsifier)
-        if isinstance(p.values, _BlockCodec):
+            payload = self._encode_sparse(update, p, p.sparsifier, target)
+        elif isinstance(p.values, _BlockCodec):
             codec = p.values
             packed, scales = quantize.quantize_block_feedback(
                 update,
@@ -897,28 +986,36 @@ class ErrorFeedback:
                 codec.block_size,
                 stochastic=codec.stochastic,
                 seed=codec.seed,
+                residual_out=None if target is self.residual else target,
             )
-            return p.encode_parts(update.size, None, codec.pack(update.size, packed, scales))
-        return self._encode_generic(update)
+            payload = p.encode_parts(update.size, None, codec.pack(update.size, packed, scales))
+        else:
+            payload = self._encode_generic(update, target)
+        self._commit(target)
+        return payload
 
-    def _encode_sparse(self, update: Float32Vector, p: Pipeline, topk: TopK) -> bytes:
-        # The fused kernel checks the input before it touches the residual, and
-        # encoding finite kept values cannot fail, so the state stays consistent.
-        indices, kept = topk.select_feedback(update, self.residual)
+    def _encode_sparse(
+        self, update: Float32Vector, p: Pipeline, topk: TopK, target: Float32Vector
+    ) -> bytes:
+        # The fused kernel leaves self.residual intact on error, and encoding finite
+        # kept values cannot fail, so the state stays consistent.
+        out = None if target is self.residual else target
+        indices, kept = topk.select_feedback(update, self.residual, out)
         values_payload = p.values.encode(kept)
         sent = p.values.decode(values_payload, np.empty_like(kept))
-        sparsify.subtract_at(self.residual, indices, sent)
+        sparsify.subtract_at(target, indices, sent)
         return p.encode_parts(update.size, indices, values_payload)
 
-    def _encode_generic(self, update: Float32Vector) -> bytes:
+    def _encode_generic(self, update: Float32Vector, target: Float32Vector) -> bytes:
         total = self.residual + update
-        payload = self.codec.encode(total)
+        payload = self.codec.encode(total)  # raises on NaN/Inf before any state changes
         sent = self.codec.decode(payload, np.empty_like(total))
-        np.subtract(total, sent, out=self.residual)
+        np.subtract(total, sent, out=target)
         return payload
 
 
 __all__ = [
+    "IN_PLACE_BELOW_NBYTES",
     "PRESETS",
     "AffineU8",
     "BlockI2",

@@ -364,6 +364,7 @@ def quantize_block_feedback(
     seed: int = 0,
     packed_out: Uint8Vector | None = None,
     scales_out: Float32Vector | None = None,
+    residual_out: Float32Vector | None = None,
 ) -> tuple[Uint8Vector, Float32Vector]:
     """Quantize ``update`` with error feedback, updating ``residual`` in place.
 
@@ -372,14 +373,26 @@ def quantize_block_feedback(
     done in one cache-resident pass over each group of blocks. The device keeps
     ``residual`` between rounds, so what quantization drops is sent later.
 
+    With ``residual_out`` the new residual goes there instead and ``residual`` is
+    only read. That is the faster form: in place, the whole sum must be checked
+    for NaN/Inf before the first write (an extra read of both arrays), while into
+    a separate array one pass suffices, since an error leaves ``residual`` intact
+    whatever was written. :class:`kernels.codec.ErrorFeedback` alternates two
+    buffers this way.
+
     Parameters
     ----------
     update
         This round's update (1-D, contiguous float32).
     residual
-        The carried error, same length, float32; modified in place.
+        The carried error, same length, float32; modified in place unless
+        ``residual_out`` is given.
     bits, block_size, stochastic, seed, packed_out, scales_out
         As in :func:`quantize_block`.
+    residual_out
+        Where to write the new residual: an array of the same length that overlaps
+        neither ``residual`` nor ``update``. On error its content is unspecified
+        (as are ``packed_out`` and ``scales_out``).
 
     Returns
     -------
@@ -392,24 +405,48 @@ def quantize_block_feedback(
     InvalidConfigError
         Unsupported ``bits``, ``block_size`` or ``seed``.
     NonFiniteInputError
-        Some ``residual + update`` is NaN or +/-Inf; ``residual`` and the
-        outputs are left untouched (the whole sum is checked before any write).
+        Some ``residual + update`` is NaN or +/-Inf; ``residual`` is left
+        untouched. In place, the outputs are untouched too (the whole sum is
+        checked before any write).
 
     Notes
     -----
     After the call ``|residual| <= scale / 2`` per element when deterministic,
     ``< scale`` when stochastic (up to float32 rounding).
+
+    Examples
+    --------
+    >>> update = np.array([0.5, -1.0, 0.25, 2.0], dtype=np.float32)
+    >>> residual = np.zeros(4, dtype=np.float32)
+    >>> new_residual = np.empty(4, dtype=np.float32)
+    >>> packed, scales = quantize_block_feedback(
+    ...     update, residual, 2, 4, residual_out=new_residual
+    ... )
+    >>> new_residual.tolist(), residual.tolist()
+    ([0.5, -1.0, 0.25, 0.0], [0.0, 0.0, 0.0, 0.0])
     """
     _check_vector("update", update, np.float32)
-    _check_vector("residual", residual, np.float32, writable=True)
-    _check_size("residual", residual, update.shape[0])
+    n = update.shape[0]
+    _check_vector("residual", residual, np.float32, writable=residual_out is None)
+    _check_size("residual", residual, n)
+    if residual_out is None:
+        residual_out = residual
+    else:
+        _check_vector("residual_out", residual_out, np.float32, writable=True)
+        _check_size("residual_out", residual_out, n)
     _check_block_config(bits, block_size)
     _check_seed(seed)
-    packed_out, scales_out = _block_outputs(
-        update.shape[0], bits, block_size, packed_out, scales_out
-    )
+    packed_out, scales_out = _block_outputs(n, bits, block_size, packed_out, scales_out)
     _backend.quantize_impl.quantize_block_feedback(
-        update, residual, bits, block_size, bool(stochastic), seed, packed_out, scales_out
+        update,
+        residual,
+        bits,
+        block_size,
+        bool(stochastic),
+        seed,
+        packed_out,
+        scales_out,
+        residual_out,
     )
     return packed_out, scales_out
 

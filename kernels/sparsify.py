@@ -292,6 +292,7 @@ def topk_feedback(
     exact: bool = True,
     seed: int = 0,
     sample_size: int | None = None,
+    residual_out: Float32Vector | None = None,
 ) -> tuple[Uint32Vector, Float32Vector]:
     """Add ``update`` into the error-feedback ``residual`` and select its top-k, in one pass.
 
@@ -300,18 +301,25 @@ def topk_feedback(
     sent with :func:`subtract_at` (the dequantized values, when the values are
     quantized afterwards).
 
+    With ``residual_out`` the sum goes there and ``residual`` is only read: one
+    pass over memory, where the in-place form first checks the whole sum for
+    NaN/Inf (an extra read of both arrays) so that an error leaves it intact.
+
     Parameters
     ----------
     update
         This round's update (not modified).
     residual
-        Error-feedback memory, same length, updated in place. Left untouched when
-        ``residual + update`` has a NaN/Inf (which raises
-        :class:`kernels.errors.NonFiniteInputError`).
+        Error-feedback memory, same length, updated in place unless
+        ``residual_out`` is given. Left untouched when ``residual + update`` has
+        a NaN/Inf (which raises :class:`kernels.errors.NonFiniteInputError`).
     k
         Number of entries to keep, in [0, len(residual)].
     exact, seed, sample_size
         As in :func:`topk_sampled`.
+    residual_out
+        Where to write ``residual + update``: same length, overlapping neither
+        ``residual`` nor ``update``. Its content is unspecified after an error.
 
     Returns
     -------
@@ -330,13 +338,21 @@ def topk_feedback(
     [1.5, 0.0, -0.5]
     """
     update = _f32_vector(update, "update")
-    residual = _f32_vector(residual, "residual", writable=True)
+    residual = _f32_vector(residual, "residual", writable=residual_out is None)
     n = residual.shape[0]
     if update.shape[0] != n:
         raise BadBufferError(
             f"update has {update.shape[0]} entries but residual has {n}: "
             "the residual must have the model's length"
         )
+    if residual_out is None:
+        residual_out = residual
+    else:
+        residual_out = _f32_vector(residual_out, "residual_out", writable=True)
+        if residual_out.shape[0] != n:
+            raise BadBufferError(
+                f"residual_out has {residual_out.shape[0]} entries but residual has {n}"
+            )
     k = _check_k(k, n)
     size_arg = _check_sampling(seed, exact, sample_size)
     size, rank, cand, scratch, out_indices, out_values = _sampled_buffers(
@@ -354,6 +370,7 @@ def topk_feedback(
         scratch,
         out_indices,
         out_values,
+        residual_out,
     )
     return out_indices[:count], out_values[:count]
 

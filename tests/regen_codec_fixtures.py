@@ -2,6 +2,8 @@
 
 Run only on purpose (``python -m tests.regen_codec_fixtures``): the committed
 files are the compatibility promise, and the tests fail when one is missing.
+A payload file that exists is never rewritten (its entry in ``cases.json`` is
+kept as it was), so adding a case cannot silently replace an older layout.
 """
 
 from __future__ import annotations
@@ -31,6 +33,22 @@ CASES: dict[str, dict[str, object]] = {
             {"id": "zstd", "level": 1},
         ],
     },
+    # Tiny payloads that compression would grow: stored behind the 'S' tag.
+    "pipeline_topk_i8_zstd_stored": {
+        "id": "pipeline",
+        "stages": [
+            {"id": "topk", "fraction": 0.02, "exact": True, "trim": True, "seed": 0},
+            {"id": "block_i8", "block_size": 64, "stochastic": False, "seed": 0},
+            {"id": "zstd", "level": 3},
+        ],
+    },
+    "pipeline_topk_zlib_stored": {
+        "id": "pipeline",
+        "stages": [
+            {"id": "topk", "fraction": 0.02, "exact": True, "trim": True, "seed": 0},
+            {"id": "zlib", "level": 6},
+        ],
+    },
 }
 
 
@@ -39,15 +57,20 @@ def main() -> None:
     x = rng.standard_normal(203).astype(np.float32)
     x[::17] = 0.0
     FIXTURES.mkdir(parents=True, exist_ok=True)
+    cases_file = FIXTURES / "cases.json"
+    old = json.loads(cases_file.read_text()) if cases_file.exists() else {}
     index = {}
     for name, config in CASES.items():
+        if (FIXTURES / f"{name}.bin").exists() and name in old:
+            index[name] = old[name]
+            continue
         codec = get_codec(config)
         payload = codec.encode(x)
         decoded = codec.decode(payload, np.empty_like(x))
         (FIXTURES / f"{name}.bin").write_bytes(payload)
         index[name] = {"config": codec.get_config(), "decoded": decoded.tolist()}
-    (FIXTURES / "cases.json").write_text(json.dumps(index, indent=1) + "\n")
-    print(f"wrote {len(index)} golden payloads to {FIXTURES}")
+    cases_file.write_text(json.dumps(index, indent=1) + "\n")
+    print(f"{len(index)} golden payloads in {FIXTURES}")
 
 
 if __name__ == "__main__":

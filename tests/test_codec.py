@@ -223,6 +223,30 @@ def test_decompression_bomb_is_refused() -> None:
         get_codec({"id": "zstd"}).decode(bomb, np.empty(100, dtype=np.float32))
 
 
+@pytest.mark.parametrize("byte_codec", [{"id": "zstd", "level": 3}, {"id": "zlib", "level": 6}])
+def test_byte_codecs_store_what_they_cannot_shrink(byte_codec: dict) -> None:
+    # Prepare: 9 floats of noise do not compress; 4,000 zeros do
+    noise = np.random.default_rng(1).standard_normal(9).astype(np.float32)
+    zeros = np.zeros(4000, dtype=np.float32)
+    codec = get_codec({"id": "pipeline", "stages": [{"id": "raw"}, byte_codec]})
+    # Execute
+    small, large = codec.encode(noise), codec.encode(zeros)
+    # Assert: stored costs one tag byte; both decode exactly
+    assert small[:1] == b"S" and len(small) == 1 + 4 * 9
+    assert large[:1] in (b"Z", b"z") and len(large) < 200
+    np.testing.assert_array_equal(codec.decode(small, np.empty(9, np.float32)), noise)
+    np.testing.assert_array_equal(codec.decode(large, np.empty(4000, np.float32)), zeros)
+
+
+@pytest.mark.parametrize("codec_id", ["zstd", "zlib"])
+def test_stored_payload_past_the_bound_is_refused(codec_id: str) -> None:
+    # Prepare: a stored body longer than any payload for 10 floats could be
+    payload = b"S" + bytes(4096)
+    # Execute / Assert
+    with pytest.raises(CorruptPayloadError, match="bound"):
+        get_codec({"id": codec_id}).decode(payload, np.empty(10, dtype=np.float32))
+
+
 @pytest.mark.parametrize(
     ("config", "error"),
     [
@@ -347,11 +371,14 @@ def generic_feedback(codec: codecs.UpdateCodec, residual: np.ndarray, update: np
     return payload
 
 
+@pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "double-buffered"])
 @pytest.mark.parametrize("config", EF_CONFIGS, ids=EF_IDS)
-def test_feedback_matches_its_definition(config: dict, rng: np.random.Generator) -> None:
+def test_feedback_matches_its_definition(
+    config: dict, in_place: bool, rng: np.random.Generator
+) -> None:
     # Prepare
     codec = get_codec(config)
-    ef = ErrorFeedback(codec, 1000)
+    ef = ErrorFeedback(codec, 1000, in_place=in_place)
     reference = np.zeros(1000, dtype=np.float32)
     for _ in range(4):
         update = rng.standard_normal(1000).astype(np.float32)
@@ -363,11 +390,14 @@ def test_feedback_matches_its_definition(config: dict, rng: np.random.Generator)
         np.testing.assert_allclose(ef.residual, reference, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "double-buffered"])
 @pytest.mark.parametrize("config", EF_CONFIGS, ids=EF_IDS)
-def test_feedback_sends_everything_eventually(config: dict, rng: np.random.Generator) -> None:
+def test_feedback_sends_everything_eventually(
+    config: dict, in_place: bool, rng: np.random.Generator
+) -> None:
     # Prepare: the same update every round; the sum of what was sent tracks the sum of updates
     codec = get_codec(config)
-    ef = ErrorFeedback(codec, 500)
+    ef = ErrorFeedback(codec, 500, in_place=in_place)
     update = rng.standard_normal(500).astype(np.float32)
     sent = np.zeros(500, dtype=np.float64)
     rounds = 60
@@ -381,12 +411,13 @@ def test_feedback_sends_everything_eventually(config: dict, rng: np.random.Gener
     assert np.abs(ef.residual).max() < np.abs(rounds * update).max() / 4
 
 
+@pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "double-buffered"])
 @pytest.mark.parametrize("config", EF_CONFIGS, ids=EF_IDS)
 def test_feedback_leaves_residual_untouched_on_bad_input(
-    config: dict, rng: np.random.Generator
+    config: dict, in_place: bool, rng: np.random.Generator
 ) -> None:
     # Prepare
-    ef = ErrorFeedback(get_codec(config), 300)
+    ef = ErrorFeedback(get_codec(config), 300, in_place=in_place)
     ef.encode(rng.standard_normal(300).astype(np.float32))
     before = ef.residual.copy()
     bad = rng.standard_normal(300).astype(np.float32)
@@ -413,6 +444,41 @@ def test_feedback_resumes_from_a_saved_residual(rng: np.random.Generator) -> Non
     got += [second.encode(u) for u in updates[2:]]
     # Assert
     assert got == expected
+
+
+@pytest.mark.parametrize("in_place", [True, False, None])
+def test_feedback_never_modifies_the_residual_it_was_given(
+    in_place: bool | None, rng: np.random.Generator
+) -> None:
+    # Prepare: a saved residual, as the agent passes its committed state
+    saved = rng.standard_normal(700).astype(np.float32)
+    before = saved.copy()
+    ef = ErrorFeedback(get_codec(codecs.PRESETS["topk"]), 700, saved, in_place=in_place)
+    # Execute: three rounds (a double-buffered object then reuses its own buffers)
+    for _ in range(3):
+        ef.encode(rng.standard_normal(700).astype(np.float32))
+    # Assert
+    np.testing.assert_array_equal(saved, before)
+    assert not np.shares_memory(ef.residual, saved)
+
+
+def test_feedback_keeps_two_buffers_and_alternates_them(rng: np.random.Generator) -> None:
+    # Prepare
+    ef = ErrorFeedback(get_codec({"id": "block_i8"}), 256, in_place=False)
+    # Execute
+    seen = []
+    for _ in range(4):
+        ef.encode(rng.standard_normal(256).astype(np.float32))
+        seen.append(ef.residual)
+    # Assert: round 3 reuses round 1's buffer, never the one in use
+    assert seen[0] is not seen[1] and seen[2] is seen[0] and seen[3] is seen[1]
+
+
+def test_feedback_picks_in_place_for_small_residuals() -> None:
+    # Execute / Assert
+    small = ErrorFeedback(get_codec({"id": "block_i8"}), 1000)
+    large = ErrorFeedback(get_codec({"id": "block_i8"}), codecs.IN_PLACE_BELOW_NBYTES // 4)
+    assert small.in_place and not large.in_place
 
 
 def test_feedback_rejects_a_residual_of_the_wrong_size() -> None:

@@ -131,9 +131,9 @@ def test_dequantize_block_and_accumulate_match_reference(
 
 
 @HYPO
-@given(update=FLOATS, config=CONFIGS, data=st.data())
+@given(update=FLOATS, config=CONFIGS, in_place=st.booleans(), data=st.data())
 def test_quantize_block_feedback_matches_reference(
-    compiled: ModuleType, update: F32, config: Config, data: st.DataObject
+    compiled: ModuleType, update: F32, config: Config, in_place: bool, data: st.DataObject
 ) -> None:
     # Prepare
     bits, bs, stochastic, seed = config
@@ -143,9 +143,12 @@ def test_quantize_block_feedback_matches_reference(
     # Execute
     for mod in (_reference, compiled):
         r = residual.copy()
+        out = r if in_place else np.full(n, np.nan, dtype=np.float32)
         packed, scales = _block_buffers(n, bits, bs)
-        mod.quantize_block_feedback(update, r, bits, bs, stochastic, seed, packed, scales)
-        results.append((packed, scales, r))
+        mod.quantize_block_feedback(update, r, bits, bs, stochastic, seed, packed, scales, out)
+        results.append((packed, scales, out))
+        if not in_place:
+            assert _bits_equal(r, residual)  # only read
     # Assert
     (p0, s0, r0), (p1, s1, r1) = results
     assert np.array_equal(p0, p1)
@@ -376,21 +379,32 @@ def test_nonfinite_affine_input_raises_and_leaves_codes(impl: ModuleType, bad: f
     [(np.nan, 0.0), (1.0, np.inf), (3e38, 3e38)],  # the last overflows in the sum
     ids=["nan-update", "inf-residual", "overflowing-sum"],
 )
+@pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "into-residual_out"])
+@pytest.mark.parametrize("n", [300, 70_000])  # one group of blocks; many, the bad one late
 def test_nonfinite_feedback_leaves_residual_untouched(
-    impl: ModuleType, rng: np.random.Generator, update_value: float, residual_value: float
+    impl: ModuleType,
+    rng: np.random.Generator,
+    update_value: float,
+    residual_value: float,
+    in_place: bool,
+    n: int,
 ) -> None:
     # Prepare
-    update = rng.standard_normal(300).astype(np.float32)
-    residual = rng.standard_normal(300).astype(np.float32)
-    update[250], residual[250] = update_value, residual_value
+    update = rng.standard_normal(n).astype(np.float32)
+    residual = rng.standard_normal(n).astype(np.float32)
+    bad = n - 50
+    update[bad], residual[bad] = update_value, residual_value
+    update[-1] = update_value  # a later bad value must not be the one reported
     before = residual.copy()
-    packed, scales = _block_buffers(300, 4, 64)
+    packed, scales = _block_buffers(n, 4, 64)
+    out = residual if in_place else np.zeros_like(residual)
     # Execute / Assert
-    with pytest.raises(NonFiniteInputError, match=r"\[250\]"):
-        impl.quantize_block_feedback(update, residual, 4, 64, False, 0, packed, scales)
+    with pytest.raises(NonFiniteInputError, match=rf"\[{bad}\]"):
+        impl.quantize_block_feedback(update, residual, 4, 64, False, 0, packed, scales, out)
     assert _bits_equal(residual, before)
-    assert not packed.any()
-    assert not scales.any()
+    if in_place:  # checked before any write; into residual_out the outputs are scratch
+        assert not packed.any()
+        assert not scales.any()
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
@@ -408,16 +422,30 @@ def test_nonfinite_scale_in_payload_leaves_accumulator(impl: ModuleType, bad: fl
 # ---- inputs are not modified; fused == unfused ----
 
 
+def _feedback_in_place(impl: ModuleType, x: F32) -> None:
+    """Feedback of update x into a residual of ones, passed as residual and residual_out."""
+    ones = np.ones_like(x)
+    impl.quantize_block_feedback(x, ones, 8, 64, False, 0, *_block_buffers(x.shape[0], 8, 64), ones)
+
+
 @pytest.mark.parametrize(
     "call",
     [
         lambda m, x: m.quantize_block(x, 4, 64, True, 1, *_block_buffers(x.shape[0], 4, 64)),
         lambda m, x: m.quantize_affine_u8(x, np.zeros(x.shape[0], dtype=np.uint8)),
+        _feedback_in_place,
         lambda m, x: m.quantize_block_feedback(
-            x, np.ones_like(x), 8, 64, False, 0, *_block_buffers(x.shape[0], 8, 64)
+            x,
+            np.ones_like(x),
+            8,
+            64,
+            False,
+            0,
+            *_block_buffers(x.shape[0], 8, 64),
+            np.empty_like(x),
         ),
     ],
-    ids=["quantize_block", "quantize_affine_u8", "quantize_block_feedback"],
+    ids=["quantize_block", "quantize_affine_u8", "feedback-in-place", "feedback-residual_out"],
 )
 def test_kernels_do_not_modify_inputs(
     impl: ModuleType, rng: np.random.Generator, call: Callable[[ModuleType, F32], object]
@@ -433,17 +461,33 @@ def test_kernels_do_not_modify_inputs(
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
 @pytest.mark.parametrize("stochastic", [False, True])
+@pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "into-residual_out"])
+@pytest.mark.parametrize("bs", [64, 12, 8192])  # 8192: a block larger than a group
 def test_feedback_fused_equals_unfused_sequence(
-    impl: ModuleType, rng: np.random.Generator, bits: int, stochastic: bool
+    impl: ModuleType,
+    rng: np.random.Generator,
+    bits: int,
+    stochastic: bool,
+    in_place: bool,
+    bs: int,
 ) -> None:
     # Prepare
-    n, bs = 1001, 64
+    n = 20_001
     update = rng.standard_normal(n).astype(np.float32)
     residual = (0.1 * rng.standard_normal(n)).astype(np.float32)
-    fused_residual = residual.copy()
+    fused_residual = residual.copy() if in_place else np.empty_like(residual)
     fused = _block_buffers(n, bits, bs)
     # Execute
-    impl.quantize_block_feedback(update, fused_residual, bits, bs, stochastic, 9, *fused)
+    impl.quantize_block_feedback(
+        update,
+        residual if not in_place else fused_residual,
+        bits,
+        bs,
+        stochastic,
+        9,
+        *fused,
+        fused_residual,
+    )
     unfused_residual = residual + update
     unfused = _block_buffers(n, bits, bs)
     impl.quantize_block(unfused_residual, bits, bs, stochastic, 9, *unfused)
@@ -454,6 +498,49 @@ def test_feedback_fused_equals_unfused_sequence(
     assert np.array_equal(fused[0], unfused[0])
     assert _bits_equal(fused[1], unfused[1])
     assert _bits_equal(fused_residual, unfused_residual)
+
+
+@pytest.mark.parametrize("overlap", ["residual", "update"])
+def test_feedback_rejects_residual_out_overlapping_its_inputs(overlap: str) -> None:
+    # Prepare: residual_out is a view shifted by one element over one of the inputs
+    base = np.arange(129, dtype=np.float32)
+    shared, out = base[:128], base[1:]
+    other = np.ones(128, dtype=np.float32)
+    update, residual = (other, shared) if overlap == "residual" else (shared, other)
+    before = base.copy()
+    # Execute / Assert
+    with pytest.raises(BadBufferError, match=f"overlaps {overlap}"):
+        quantize.quantize_block_feedback(update, residual, residual_out=out)
+    assert _bits_equal(base, before)
+
+
+def test_feedback_into_residual_out_streams_large_arrays_with_the_same_bits(
+    rng: np.random.Generator,
+) -> None:
+    # Prepare: past 16 MiB the new residual is written with non-temporal stores
+    n = (1 << 22) + 13
+    update = rng.standard_normal(n).astype(np.float32)
+    residual = (0.1 * rng.standard_normal(n)).astype(np.float32)
+    in_place = residual.copy()
+    out = np.empty_like(residual)
+    # Execute
+    p0, s0 = quantize.quantize_block_feedback(update, in_place)
+    p1, s1 = quantize.quantize_block_feedback(update, residual, residual_out=out)
+    # Assert
+    assert np.array_equal(p0, p1)
+    assert _bits_equal(s0, s1)
+    assert _bits_equal(in_place, out)
+
+
+def test_feedback_into_residual_out_accepts_a_read_only_residual() -> None:
+    # Prepare
+    residual = np.zeros(8, dtype=np.float32)
+    residual.flags.writeable = False
+    out = np.empty(8, dtype=np.float32)
+    # Execute
+    quantize.quantize_block_feedback(np.ones(8, dtype=np.float32), residual, residual_out=out)
+    # Assert
+    assert np.all(residual == 0) and np.allclose(out, 0, atol=1e-2)
 
 
 # ---- public wrappers: buffers and config ----

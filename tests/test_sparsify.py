@@ -182,9 +182,12 @@ def test_compiled_topk_sampled_matches_reference(
 
 
 @FEW
-@given(case=sampled_cases(), data=st.data())
+@given(case=sampled_cases(), in_place=st.booleans(), data=st.data())
 def test_compiled_topk_feedback_matches_reference(
-    compiled: ModuleType, case: tuple[F32, int, int, int, int, int, bool], data: st.DataObject
+    compiled: ModuleType,
+    case: tuple[F32, int, int, int, int, int, bool],
+    in_place: bool,
+    data: st.DataObject,
 ) -> None:
     # Prepare
     residual, k, seed, size, rank, capacity, exact = case
@@ -194,14 +197,19 @@ def test_compiled_topk_feedback_matches_reference(
         args = _sampled_args(
             residual.copy(), k, seed=seed, size=size, rank=rank, capacity=capacity, exact=exact
         )
-        return _outcome(fn, update.copy(), *args)
+        out = args[0] if in_place else np.zeros_like(residual)
+        outcome = _outcome(fn, update.copy(), *args, out)
+        return outcome if in_place else (*outcome[:4], _bits(out), *outcome[4:-1])
 
     # Execute
     ref, got = run(_reference.topk_feedback), run(compiled.topk_feedback)
-    # Assert: same count, update, residual and outputs
+    # Assert: same count, update, residual and outputs; residual only read unless in place
     assert got[:4] == ref[:4]
     if got[0] == "returned":
         count = got[1]
+        if not in_place:
+            assert got[3] == _bits(residual)
+            assert got[4] == ref[4]  # residual_out
         assert got[-2][: 4 * count] == ref[-2][: 4 * count]
         assert got[-1][: 4 * count] == ref[-1][: 4 * count]
 
@@ -218,6 +226,8 @@ def test_compiled_nonfinite_error_matches_reference(
     x[-1] = bad  # a later bad value must not be the one reported
     prefix = [np.zeros(1000, np.float32)] if name == "topk_feedback" else []
     args = [*prefix, *_sampled_args(x, 10, seed=0, size=64, rank=8, capacity=200, exact=True)]
+    if name == "topk_feedback":
+        args.append(np.zeros(1000, np.float32))  # residual_out
     if name == "topk_exact":
         args = [x, 10, np.zeros(10, np.uint32), np.zeros(10, np.float32)]
     # Execute
@@ -498,9 +508,10 @@ def test_topk_of_nonfinite_input_raises_naming_the_first_bad_index(
 
 
 @pytest.mark.parametrize("exact", [True, False])
-@pytest.mark.parametrize("n", [1, 1000, 300_000])
+@pytest.mark.parametrize("n", [1, 1000, 300_000, (1 << 22) + 5])  # the last: streamed stores
 @pytest.mark.parametrize("seed", [0, 7])
-def test_topk_feedback_fused_equals_unfused(n: int, exact: bool, seed: int) -> None:
+@pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "into-residual_out"])
+def test_topk_feedback_fused_equals_unfused(n: int, exact: bool, seed: int, in_place: bool) -> None:
     # Prepare
     gen = np.random.default_rng(seed)
     update = gen.standard_normal(n).astype(np.float32)
@@ -509,8 +520,15 @@ def test_topk_feedback_fused_equals_unfused(n: int, exact: bool, seed: int) -> N
     unfused_residual = residual.copy()
     expected_indices, expected_values = _unfused_feedback(update, unfused_residual, k, seed, exact)
     sparsify.subtract_at(unfused_residual, expected_indices, expected_values)
+    before = residual.copy()
+    out = None if in_place else np.empty_like(residual)
     # Execute
-    indices, values = sparsify.topk_feedback(update, residual, k, exact=exact, seed=seed)
+    indices, values = sparsify.topk_feedback(
+        update, residual, k, exact=exact, seed=seed, residual_out=out
+    )
+    if out is not None:
+        assert _bits(residual) == _bits(before)  # only read
+        residual = out
     sparsify.subtract_at(residual, indices, values)
     # Assert
     np.testing.assert_array_equal(indices, expected_indices)
@@ -539,8 +557,9 @@ def test_topk_feedback_does_not_modify_the_update(rng: np.random.Generator) -> N
     ],
 )
 @pytest.mark.parametrize("k", [0, 3000])
+@pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "into-residual_out"])
 def test_topk_feedback_nonfinite_raises_and_leaves_residual_untouched(
-    where: str, value: float, message: str, k: int, rng: np.random.Generator
+    where: str, value: float, message: str, k: int, in_place: bool, rng: np.random.Generator
 ) -> None:
     # Prepare
     update = rng.standard_normal(300_000).astype(np.float32)
@@ -551,8 +570,9 @@ def test_topk_feedback_nonfinite_raises_and_leaves_residual_untouched(
         residual[[777, 250_000]] = value
     before = residual.copy()
     # Execute / Assert
+    out = None if in_place else np.zeros_like(residual)
     with pytest.raises(NonFiniteInputError, match=message):
-        sparsify.topk_feedback(update, residual, k)
+        sparsify.topk_feedback(update, residual, k, residual_out=out)
     assert _bits(residual) == _bits(before)
 
 
@@ -781,6 +801,20 @@ def test_topk_feedback_rejects_read_only_residual() -> None:
     # Execute / Assert
     with pytest.raises(BadBufferError, match="read-only"):
         sparsify.topk_feedback(np.zeros(10, dtype=np.float32), residual, 1)
+
+
+@pytest.mark.parametrize("overlap", ["residual", "update"])
+def test_topk_feedback_rejects_residual_out_overlapping_its_inputs(overlap: str) -> None:
+    # Prepare: residual_out is a view shifted by one element over one of the inputs
+    base = np.arange(11, dtype=np.float32)
+    shared, out = base[:10], base[1:]
+    other = np.ones(10, dtype=np.float32)
+    update, residual = (other, shared) if overlap == "residual" else (shared, other)
+    before = base.copy()
+    # Execute / Assert
+    with pytest.raises(BadBufferError, match=f"overlaps {overlap}"):
+        sparsify.topk_feedback(update, residual, 1, residual_out=out)
+    assert _bits(base) == _bits(before)
 
 
 def test_topk_feedback_rejects_length_mismatch() -> None:

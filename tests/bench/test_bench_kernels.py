@@ -56,6 +56,15 @@ def test_codec_encode(benchmark, x: np.ndarray, preset: str) -> None:  # type: i
     benchmark(codecs.get_codec(codecs.PRESETS[preset]).encode, x)
 
 
+@pytest.mark.parametrize("in_place", [False, True], ids=["double-buffered", "in-place"])
+@pytest.mark.parametrize("preset", ["int8", "topk"])
+def test_codec_encode_with_error_feedback(
+    benchmark, x: np.ndarray, preset: str, in_place: bool
+) -> None:  # type: ignore[no-untyped-def]
+    ef = codecs.ErrorFeedback(codecs.get_codec(codecs.PRESETS[preset]), N, in_place=in_place)
+    benchmark(ef.encode, x)
+
+
 def test_bench_command_writes_json(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "bench.json"
     assert bench_main(["--sizes", "4K", "--repeats", "1", "--json", str(out)]) == 0
