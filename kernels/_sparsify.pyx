@@ -29,11 +29,9 @@ cdef extern from "_sparsify_simd.h" nogil:
                            Py_ssize_t k, uint32_t *out_i, float *out_v)
     Py_ssize_t fe_select_ge(const float *x, Py_ssize_t n, uint32_t t, uint32_t *cand,
                             uint32_t *cbits, Py_ssize_t cap, int *nonfinite)
-    Py_ssize_t fe_add_select_ge(float *r, const float *u, Py_ssize_t n, uint32_t t,
-                                uint32_t *cand, uint32_t *cbits, Py_ssize_t cap)
-    Py_ssize_t fe_add_select_ge_to(const float *r, const float *u, float *ro, Py_ssize_t n,
-                                   uint32_t t, uint32_t *cand, uint32_t *cbits, Py_ssize_t cap,
-                                   int *nonfinite)
+    Py_ssize_t fe_add_select_ge(const float *r, const float *u, float *ro, Py_ssize_t n,
+                                uint32_t t, uint32_t *cand, uint32_t *cbits, Py_ssize_t cap,
+                                int *nonfinite)
     void fe_sample_keys(const float *x, Py_ssize_t n, uint64_t seed, Py_ssize_t s, uint32_t *keys)
     void fe_sample_keys_sum(const float *r, const float *u, Py_ssize_t n, uint64_t seed,
                             Py_ssize_t s, uint32_t *keys)
@@ -257,18 +255,13 @@ def topk_feedback(const float[::1] update, const float[::1] residual, Py_ssize_t
                 r[i] = rin[i] + update[i]
             if k > 0:
                 count = _exact_nogil(r, n, k, &out_indices[0], &out_values[0], &nonfinite)
-            else:
+            elif apart:  # in place the sums were checked above
                 nonfinite = fe_any_nonfinite(<const uint32_t *>r, n)
         else:
             fe_sample_keys_sum(rin, &update[0], n, seed, sample_size, &scratch[0])
             t = fe_radix_kth(&scratch[0], sample_size, sample_rank, &unused_eq, &unused_nf)
-            if apart:
-                c = fe_add_select_ge_to(rin, &update[0], r, n, t,
-                                        &cand[0] if cap > 0 else NULL, &scratch[0], cap,
-                                        &nonfinite)
-            else:
-                c = fe_add_select_ge(r, &update[0], n, t, &cand[0] if cap > 0 else NULL,
-                                     &scratch[0], cap)
+            c = fe_add_select_ge(rin, &update[0], r, n, t, &cand[0] if cap > 0 else NULL,
+                                 &scratch[0], cap, &nonfinite)
             if nonfinite:
                 pass
             elif c < k:

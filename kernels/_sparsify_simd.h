@@ -363,83 +363,33 @@ static ptrdiff_t fe_select_ge(const float *x, ptrdiff_t n, uint32_t t, uint32_t 
     return c;
 }
 
-/* Fused error-feedback pass: r[i] += u[i] for every i, and store every i with
- * key(r[i]) >= t (after the add) into cand[0..cap), its bits into cbits. Returns
- * the count, or -1 when more than cap candidates exist (the add still runs to the
- * end). The caller has checked beforehand that every r[i] + u[i] is finite. */
-static ptrdiff_t fe_add_select_ge(float *r, const float *u, ptrdiff_t n, uint32_t t, uint32_t *cand,
-                                  uint32_t *cbits, ptrdiff_t cap)
-{
-    const uint32_t *rb = (const uint32_t *)r;
-    const uint32_t tm1 = t - 1u;
-    fe_acc unused_bad = FE_ACC_ZERO; /* the caller has checked the sums already */
-    ptrdiff_t c = 0, i = 0;
-    int overflow = 0;
-    for (; i + FE_BLOCK <= n; i += FE_BLOCK) {
-        uint32_t any = fe_block_add_to_any_ge(r + i, u + i, r + i, 0, tm1, &unused_bad);
-        if (!(any & FE_TOP_BIT) || overflow) {
-            continue;
-        }
-        if (c + FE_BLOCK <= cap) {
-            for (int j = 0; j < FE_BLOCK; j++) {
-                uint32_t b = rb[i + j];
-                cand[c] = (uint32_t)(i + j);
-                cbits[c] = b;
-                c += (b & FE_ABS_MASK) >= t;
-            }
-        } else {
-            for (int j = 0; j < FE_BLOCK && !overflow; j++) {
-                if ((rb[i + j] & FE_ABS_MASK) >= t) {
-                    if (c == cap) {
-                        overflow = 1;
-                    } else {
-                        cand[c] = (uint32_t)(i + j);
-                        cbits[c++] = rb[i + j];
-                    }
-                }
-            }
-        }
-    }
-    for (; i < n; i++) {
-        float s = r[i] + u[i];
-        r[i] = s;
-        if (!overflow && fe_key(s) >= t) {
-            if (c == cap) {
-                overflow = 1;
-            } else {
-                cand[c] = (uint32_t)i;
-                cbits[c++] = rb[i];
-            }
-        }
-    }
-    return overflow ? -1 : c;
-}
-
-/* Out-of-place fused error-feedback pass: ro[i] = r[i] + u[i] for every i (ro apart
- * from r and u, which are only read), and every i with key(ro[i]) >= t stored into
- * cand[0..cap), its bits into cbits. Returns the count, or -1 when more than cap
- * candidates exist (ro is still written to the end). *nonfinite is set when some
- * sum is NaN/Inf; no separate check is needed, since r stays intact either way. */
-static ptrdiff_t fe_add_select_ge_to(const float *r, const float *u, float *ro, ptrdiff_t n,
-                                     uint32_t t, uint32_t *cand, uint32_t *cbits, ptrdiff_t cap,
-                                     int *nonfinite)
+/* Fused error-feedback pass: ro[i] = r[i] + u[i] for every i, and every i with
+ * key(ro[i]) >= t stored into cand[0..cap), its bits into cbits. ro is r itself
+ * (in place: the caller must have checked every sum for NaN/Inf first, since the
+ * residual is overwritten as the pass goes) or apart from r and u, which are then
+ * only read (one pass, no check beforehand; large arrays get streamed stores).
+ * Returns the count, or -1 when more than cap candidates exist (ro is still
+ * written to the end). Out of place, *nonfinite is set when some sum is NaN/Inf. */
+static inline ptrdiff_t fe_add_select_ge_as(const float *r, const float *u, float *ro, ptrdiff_t n,
+                                            uint32_t t, uint32_t *cand, uint32_t *cbits,
+                                            ptrdiff_t cap, int *nonfinite, const int in_place)
 {
     const uint32_t tm1 = t - 1u;
-    const int stream = fs_stream_worth(ro, (size_t)n);
+    const int stream = !in_place && fs_stream_worth(ro, (size_t)n);
     fe_acc vbad = FE_ACC_ZERO;
     uint32_t bad = 0;
     ptrdiff_t c = 0, i = 0;
     int overflow = 0;
     for (; i + FE_BLOCK <= n; i += FE_BLOCK) {
-        /* The sums of candidate blocks are recomputed from r and u below (still in
-         * L1) rather than read back from ro, which streamed stores bypass. */
         uint32_t any = fe_block_add_to_any_ge(r + i, u + i, ro + i, stream, tm1, &vbad);
         if (!(any & FE_TOP_BIT) || overflow) {
             continue;
         }
+        /* The sums of a candidate block: read back in place; out of place recomputed
+         * from r and u (still in L1), since streamed stores bypass the cache. */
         if (c + FE_BLOCK <= cap) {
             for (int j = 0; j < FE_BLOCK; j++) {
-                float s = r[i + j] + u[i + j];
+                float s = in_place ? ro[i + j] : r[i + j] + u[i + j];
                 uint32_t b;
                 memcpy(&b, &s, sizeof b);
                 cand[c] = (uint32_t)(i + j);
@@ -448,7 +398,7 @@ static ptrdiff_t fe_add_select_ge_to(const float *r, const float *u, float *ro, 
             }
         } else {
             for (int j = 0; j < FE_BLOCK && !overflow; j++) {
-                float s = r[i + j] + u[i + j];
+                float s = in_place ? ro[i + j] : r[i + j] + u[i + j];
                 uint32_t b;
                 memcpy(&b, &s, sizeof b);
                 if ((b & FE_ABS_MASK) >= t) {
@@ -478,8 +428,20 @@ static ptrdiff_t fe_add_select_ge_to(const float *r, const float *u, float *ro, 
         }
     }
     fs_stream_done(stream);
-    *nonfinite = ((bad | fe_acc_or(vbad)) & FE_TOP_BIT) != 0;
+    *nonfinite = !in_place && ((bad | fe_acc_or(vbad)) & FE_TOP_BIT) != 0;
     return overflow ? -1 : c;
+}
+
+/* Compiled once per case (in_place a constant), so the in-place loop carries
+ * neither the finiteness bookkeeping nor the branches of the other. */
+static ptrdiff_t fe_add_select_ge(const float *r, const float *u, float *ro, ptrdiff_t n,
+                                  uint32_t t, uint32_t *cand, uint32_t *cbits, ptrdiff_t cap,
+                                  int *nonfinite)
+{
+    if (ro == r) {
+        return fe_add_select_ge_as(r, u, ro, n, t, cand, cbits, cap, nonfinite, 1);
+    }
+    return fe_add_select_ge_as(r, u, ro, n, t, cand, cbits, cap, nonfinite, 0);
 }
 
 /* Magnitude keys of the sample: keys[m] = key(x[pos(seed, m)]) for m < s. */

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis.extra.numpy import array_shapes, arrays
 
-from kernels import _reference, quantize
+from kernels import _reference, quantize, sparsify
 from kernels.errors import BadBufferError, InvalidConfigError, NonFiniteInputError
 
 F32 = npt.NDArray[np.float32]
@@ -501,7 +501,17 @@ def test_feedback_fused_equals_unfused_sequence(
 
 
 @pytest.mark.parametrize("overlap", ["residual", "update"])
-def test_feedback_rejects_residual_out_overlapping_its_inputs(overlap: str) -> None:
+@pytest.mark.parametrize(
+    "feedback",
+    [
+        lambda u, r, out: quantize.quantize_block_feedback(u, r, residual_out=out),
+        lambda u, r, out: sparsify.topk_feedback(u, r, 1, residual_out=out),
+    ],
+    ids=["block", "topk"],
+)
+def test_feedback_rejects_residual_out_overlapping_its_inputs(
+    feedback: Callable[[F32, F32, F32], object], overlap: str
+) -> None:
     # Prepare: residual_out is a view shifted by one element over one of the inputs
     base = np.arange(129, dtype=np.float32)
     shared, out = base[:128], base[1:]
@@ -510,7 +520,7 @@ def test_feedback_rejects_residual_out_overlapping_its_inputs(overlap: str) -> N
     before = base.copy()
     # Execute / Assert
     with pytest.raises(BadBufferError, match=f"overlaps {overlap}"):
-        quantize.quantize_block_feedback(update, residual, residual_out=out)
+        feedback(update, residual, out)
     assert _bits_equal(base, before)
 
 
