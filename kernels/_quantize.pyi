@@ -34,6 +34,7 @@ def quantize_block_feedback(
     seed: int,
     packed_out: _U8,
     scales_out: _F32,
+    residual_out: _F32,
 ) -> None: ...
 def dequantize_block(
     packed: _U8, scales: _F32, n: int, bits: int, block_size: int, out: _F32

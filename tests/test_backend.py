@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 import kernels
+from kernels import _reference
 
 
 def test_backend_is_reported() -> None:
@@ -37,3 +43,16 @@ def test_fedge_version() -> None:
         [sys.executable, "-m", "edge", "--version"], capture_output=True, text=True, check=True
     )
     assert out.stdout.startswith("fedge ")
+
+
+@pytest.mark.parametrize("family", ["quantize", "sparsify"])
+def test_type_stubs_match_the_twins(family: str) -> None:
+    # The compiled modules are typed through kernels/_<family>.pyi; the NumPy twins share
+    # their signatures, so a parameter added to a kernel must show up in its stub too.
+    stub = ast.parse((Path(kernels.__file__).parent / f"_{family}.pyi").read_text())
+    for node in stub.body:
+        if not isinstance(node, ast.FunctionDef):
+            continue
+        twin = getattr(_reference, node.name)
+        stub_params = [a.arg for a in node.args.args]
+        assert stub_params == list(inspect.signature(twin).parameters), node.name
