@@ -256,9 +256,10 @@ def quantize_block_feedback(const float[::1] update, const float[::1] residual, 
                                    stochastic, seed, &packed_out[0], &scales_out[0])
 
 
-def dequantize_block(const uint8_t[::1] packed, const float[::1] scales, Py_ssize_t n, int bits,
-                     Py_ssize_t block_size, float[::1] out):
-    """Write code * scale of the first n elements into out."""
+cdef Py_ssize_t _check_dequantize_args(const uint8_t[::1] packed, const float[::1] scales,
+                                       Py_ssize_t n, int bits, Py_ssize_t block_size,
+                                       str out_name, Py_ssize_t out_len) except -1:
+    """The argument checks both dequantizers share; return the number of blocks."""
     cdef Py_ssize_t nb
     _qmax(bits)
     _check_block_size(block_size)
@@ -267,7 +268,15 @@ def dequantize_block(const uint8_t[::1] packed, const float[::1] scales, Py_ssiz
     nb = _num_blocks(n, block_size)
     _check_len("packed", packed.shape[0], _packed_nbytes(n, bits))
     _check_len("scales", scales.shape[0], nb)
-    _check_len("out", out.shape[0], n)
+    _check_len(out_name, out_len, n)
+    return nb
+
+
+def dequantize_block(const uint8_t[::1] packed, const float[::1] scales, Py_ssize_t n, int bits,
+                     Py_ssize_t block_size, float[::1] out):
+    """Write code * scale of the first n elements into out."""
+    cdef Py_ssize_t nb = _check_dequantize_args(packed, scales, n, bits, block_size, "out",
+                                                out.shape[0])
     if n == 0:
         return
     _check_scales(scales, nb)
@@ -279,15 +288,8 @@ def dequantize_block_accumulate(const uint8_t[::1] packed, const float[::1] scal
                                 Py_ssize_t n, int bits, Py_ssize_t block_size, float weight,
                                 float[::1] acc):
     """acc[i] += weight * (code * scale) for the first n elements, float32, in that order."""
-    cdef Py_ssize_t nb
-    _qmax(bits)
-    _check_block_size(block_size)
-    if n < 0:
-        raise InvalidConfigError(f"n must be >= 0, got {n}")
-    nb = _num_blocks(n, block_size)
-    _check_len("packed", packed.shape[0], _packed_nbytes(n, bits))
-    _check_len("scales", scales.shape[0], nb)
-    _check_len("acc", acc.shape[0], n)
+    cdef Py_ssize_t nb = _check_dequantize_args(packed, scales, n, bits, block_size, "acc",
+                                                acc.shape[0])
     _check_weight(weight)
     if n == 0:
         return
