@@ -400,15 +400,19 @@ def test_topk_sampled_with_k_zero_returns_nothing(
     assert indices.shape == values.shape == (0,)
 
 
+SELECTORS: list[Callable[[F32, int], tuple[U32, F32]]] = [
+    sparsify.topk_exact,
+    sparsify.topk_sampled,
+    lambda x, k: sparsify.topk_sampled(x, k, exact=False),
+]
+"""The public top-k selections: exact, sampled and trimmed, sampled untrimmed."""
+SELECTOR_IDS = ["exact", "sampled", "sampled-inexact"]
+
+
 @pytest.mark.parametrize(
     "select",
-    [
-        sparsify.topk_exact,
-        sparsify.topk_sampled,
-        lambda x, k: sparsify.topk_sampled(x, k, exact=False),
-        lambda x, k: sparsify.topk_feedback(x, np.zeros_like(x), k),
-    ],
-    ids=["exact", "sampled", "sampled-inexact", "feedback"],
+    [*SELECTORS, lambda x, k: sparsify.topk_feedback(x, np.zeros_like(x), k)],
+    ids=[*SELECTOR_IDS, "feedback"],
 )
 @pytest.mark.parametrize("n", [1, 7, 5000, 300_000])
 def test_topk_with_k_equal_n_returns_everything(
@@ -423,15 +427,7 @@ def test_topk_with_k_equal_n_returns_everything(
     assert _bits(values) == _bits(x)
 
 
-@pytest.mark.parametrize(
-    "select",
-    [
-        sparsify.topk_exact,
-        sparsify.topk_sampled,
-        lambda x, k: sparsify.topk_sampled(x, k, exact=False),
-    ],
-    ids=["exact", "sampled", "sampled-inexact"],
-)
+@pytest.mark.parametrize("select", SELECTORS, ids=SELECTOR_IDS)
 @pytest.mark.parametrize("value", [0.0, -0.0, 3.5, -1e30])
 def test_topk_of_constant_vector_takes_the_first_k(
     select: Callable[[F32, int], tuple[U32, F32]], value: float
@@ -460,15 +456,7 @@ def test_topk_of_empty_vector_is_empty(select: Callable[[F32, int], tuple[U32, F
     assert indices.shape == values.shape == (0,)
 
 
-@pytest.mark.parametrize(
-    "select",
-    [
-        sparsify.topk_exact,
-        sparsify.topk_sampled,
-        lambda x, k: sparsify.topk_sampled(x, k, exact=False),
-    ],
-    ids=["exact", "sampled", "sampled-inexact"],
-)
+@pytest.mark.parametrize("select", SELECTORS, ids=SELECTOR_IDS)
 @pytest.mark.parametrize("n", [100, 300_000])
 def test_topk_does_not_modify_its_input(
     select: Callable[[F32, int], tuple[U32, F32]], n: int, rng: np.random.Generator
@@ -482,15 +470,7 @@ def test_topk_does_not_modify_its_input(
     assert _bits(x) == _bits(before)
 
 
-@pytest.mark.parametrize(
-    "select",
-    [
-        sparsify.topk_exact,
-        sparsify.topk_sampled,
-        lambda x, k: sparsify.topk_sampled(x, k, exact=False),
-    ],
-    ids=["exact", "sampled", "sampled-inexact"],
-)
+@pytest.mark.parametrize("select", SELECTORS, ids=SELECTOR_IDS)
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("k", [0, 10, 3000])
 def test_topk_of_nonfinite_input_raises_naming_the_first_bad_index(
