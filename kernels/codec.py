@@ -974,9 +974,10 @@ class ErrorFeedback:
                 f"update has {update.size} elements, the residual {self.residual.size}"
             )
         target = self._target()
+        out = None if self.in_place else target  # the kernels' residual_out
         p = self._pipeline
         if p.sparsifier is not None:
-            payload = self._encode_sparse(update, p, p.sparsifier, target)
+            payload = self._encode_sparse(update, p, p.sparsifier, out)
         elif isinstance(p.values, _BlockCodec):
             codec = p.values
             packed, scales = quantize.quantize_block_feedback(
@@ -986,7 +987,7 @@ class ErrorFeedback:
                 codec.block_size,
                 stochastic=codec.stochastic,
                 seed=codec.seed,
-                residual_out=None if target is self.residual else target,
+                residual_out=out,
             )
             payload = p.encode_parts(update.size, None, codec.pack(update.size, packed, scales))
         else:
@@ -995,15 +996,14 @@ class ErrorFeedback:
         return payload
 
     def _encode_sparse(
-        self, update: Float32Vector, p: Pipeline, topk: TopK, target: Float32Vector
+        self, update: Float32Vector, p: Pipeline, topk: TopK, out: Float32Vector | None
     ) -> bytes:
         # The fused kernel leaves self.residual intact on error, and encoding finite
         # kept values cannot fail, so the state stays consistent.
-        out = None if target is self.residual else target
         indices, kept = topk.select_feedback(update, self.residual, out)
         values_payload = p.values.encode(kept)
         sent = p.values.decode(values_payload, np.empty_like(kept))
-        sparsify.subtract_at(target, indices, sent)
+        sparsify.subtract_at(self.residual if out is None else out, indices, sent)
         return p.encode_parts(update.size, indices, values_payload)
 
     def _encode_generic(self, update: Float32Vector, target: Float32Vector) -> bytes:
