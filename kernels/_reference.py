@@ -613,6 +613,17 @@ def subtract_at(residual: F32, indices: U32, values: F32) -> None:
     np.subtract.at(residual, indices, values)
 
 
+def put_at(residual: F32, indices: U32, values: F32) -> None:
+    """``residual[indices[i]] = values[i]`` for each i in order (the last write wins)."""
+    _sp_check_scatter(indices, values, residual, "residual")
+    if indices.shape[0] > 1 and not np.all(indices[1:] > indices[:-1]):
+        # NumPy leaves the order of repeated fancy-index writes unspecified: keep
+        # only the last write to each position.
+        last = indices.shape[0] - 1 - np.unique(indices[::-1], return_index=True)[1]
+        indices, values = indices[last], values[last]
+    residual[indices] = values
+
+
 def scatter_accumulate(indices: U32, values: F32, weight: float, acc: F32) -> None:
     """``acc[indices[i]] += float32(weight) * values[i]`` for each i in order (float32)."""
     with np.errstate(over="ignore"):

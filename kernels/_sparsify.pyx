@@ -38,6 +38,8 @@ cdef extern from "_sparsify_simd.h" nogil:
     Py_ssize_t fe_take_candidates(const uint32_t *cand, const uint32_t *cbits, Py_ssize_t c,
                                   uint32_t t, Py_ssize_t need_eq, uint32_t *out_i,
                                   float *out_v)
+    void fe_subtract_at(float *res, const uint32_t *idx, const float *v, Py_ssize_t m)
+    void fe_put_at(float *res, const uint32_t *idx, const float *v, Py_ssize_t m)
     void fe_copy_candidates(const uint32_t *cand, const uint32_t *cbits, Py_ssize_t c,
                             uint32_t *out_i, float *out_v)
 
@@ -305,11 +307,20 @@ cdef int _check_scatter(const uint32_t[::1] indices, const float[::1] values,
 
 def subtract_at(float[::1] residual, const uint32_t[::1] indices, const float[::1] values):
     """``residual[indices[i]] -= values[i]`` for each i in order (float32)."""
-    cdef Py_ssize_t i
     _check_scatter(indices, values, residual.shape[0], "residual")
+    if indices.shape[0] == 0:
+        return
     with nogil:
-        for i in range(indices.shape[0]):
-            residual[indices[i]] = residual[indices[i]] - values[i]
+        fe_subtract_at(&residual[0], &indices[0], &values[0], indices.shape[0])
+
+
+def put_at(float[::1] residual, const uint32_t[::1] indices, const float[::1] values):
+    """``residual[indices[i]] = values[i]`` for each i in order (the last write wins)."""
+    _check_scatter(indices, values, residual.shape[0], "residual")
+    if indices.shape[0] == 0:
+        return
+    with nogil:
+        fe_put_at(&residual[0], &indices[0], &values[0], indices.shape[0])
 
 
 def scatter_accumulate(const uint32_t[::1] indices, const float[::1] values, double weight,

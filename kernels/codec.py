@@ -1002,8 +1002,12 @@ class ErrorFeedback:
         # kept values cannot fail, so the state stays consistent.
         indices, kept = topk.select_feedback(update, self.residual, out)
         values_payload = p.values.encode(kept)
-        sent = p.values.decode(values_payload, np.empty_like(kept))
-        sparsify.subtract_at(self.residual if out is None else out, indices, sent)
+        unsent = p.values.decode(values_payload, np.empty_like(kept))
+        # kept holds the new residual's entries at indices, bit for bit, so writing
+        # kept - sent there equals subtracting sent, without reading the entries
+        # back: on large models each one is a cache miss.
+        np.subtract(kept, unsent, out=unsent)
+        sparsify.put_at(self.residual if out is None else out, indices, unsent)
         return p.encode_parts(update.size, indices, values_payload)
 
     def _encode_generic(self, update: Float32Vector, target: Float32Vector) -> bytes:

@@ -299,7 +299,9 @@ def topk_feedback(
     Equivalent to ``residual += update`` followed by :func:`topk_sampled` of
     ``residual``, but reading memory once. The caller then removes what it actually
     sent with :func:`subtract_at` (the dequantized values, when the values are
-    quantized afterwards).
+    quantized afterwards), or, faster for large arrays, writes ``values - sent``
+    back with :func:`put_at` (the same bits: the returned values are the residual
+    entries, exactly).
 
     With ``residual_out`` the sum goes there and ``residual`` is only read: one
     pass over memory, where the in-place form first checks the whole sum for
@@ -391,6 +393,35 @@ def subtract_at(residual: Float32Vector, indices: Uint32Vector, values: Float32V
     indices = _u32_vector(indices, "indices")
     values = _f32_vector(values, "values")
     _impl.subtract_at(residual, indices, values)
+
+
+def put_at(residual: Float32Vector, indices: Uint32Vector, values: Float32Vector) -> None:
+    """Write values into the error-feedback residual: ``residual[idx] = values``.
+
+    Stores only, so on a model far larger than the CPU caches it is faster than
+    :func:`subtract_at`, which must wait for each entry to arrive before
+    subtracting. With repeated indices the last write wins.
+
+    Parameters
+    ----------
+    residual
+        Error-feedback memory, updated in place.
+    indices
+        Positions in ``residual`` (uint32, each < len(residual)).
+    values
+        The new entries (float32, finite, same length as ``indices``).
+
+    Examples
+    --------
+    >>> residual = np.zeros(4, dtype=np.float32)
+    >>> put_at(residual, np.array([1, 3], np.uint32), np.array([0.5, -2.0], np.float32))
+    >>> residual.tolist()
+    [0.0, 0.5, 0.0, -2.0]
+    """
+    residual = _f32_vector(residual, "residual", writable=True)
+    indices = _u32_vector(indices, "indices")
+    values = _f32_vector(values, "values")
+    _impl.put_at(residual, indices, values)
 
 
 def scatter_accumulate(
@@ -533,6 +564,7 @@ __all__ = [
     "decode_indices",
     "encode_indices",
     "max_encoded_index_nbytes",
+    "put_at",
     "scatter_accumulate",
     "subtract_at",
     "topk_count",

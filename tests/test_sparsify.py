@@ -261,16 +261,19 @@ def test_compiled_scatter_accumulate_matches_reference(
 
 
 @FEW
+@pytest.mark.parametrize("name", ["subtract_at", "put_at"])
 @given(data=st.data())
-def test_compiled_subtract_at_matches_reference(compiled: ModuleType, data: st.DataObject) -> None:
-    # Prepare
+def test_compiled_residual_scatter_matches_reference(
+    compiled: ModuleType, name: str, data: st.DataObject
+) -> None:
+    # Prepare: repeated and out-of-range indices included
     residual = data.draw(VECTORS)
     m = data.draw(st.integers(0, 64))
     indices = data.draw(arrays(np.uint32, m, elements=st.integers(0, residual.shape[0] + 2)))
     values = data.draw(arrays(np.float32, m, elements=st.floats(-1e3, 1e3, width=32)))
     # Execute
-    ref = _outcome(_reference.subtract_at, residual.copy(), indices.copy(), values.copy())
-    got = _outcome(compiled.subtract_at, residual, indices, values)
+    ref = _outcome(getattr(_reference, name), residual.copy(), indices.copy(), values.copy())
+    got = _outcome(getattr(compiled, name), residual, indices, values)
     # Assert
     assert got == ref
 
@@ -559,15 +562,21 @@ def test_topk_feedback_nonfinite_raises_and_leaves_residual_untouched(
 # ---- scatter ----
 
 
+def _draw_scatter(data: st.DataObject) -> tuple[F32, U32, F32]:
+    """A target vector and in-range (possibly repeated) indices with finite values."""
+    target = data.draw(VECTORS)
+    n = target.shape[0]
+    m = data.draw(st.integers(0, 64)) if n else 0
+    indices = data.draw(arrays(np.uint32, m, elements=st.integers(0, max(n - 1, 0))))
+    values = data.draw(arrays(np.float32, m, elements=st.floats(-1e3, 1e3, width=32)))
+    return target, indices, values
+
+
 @FEW
 @given(data=st.data())
 def test_scatter_accumulate_matches_add_at_definition(data: st.DataObject) -> None:
     # Prepare
-    acc = data.draw(VECTORS)
-    n = acc.shape[0]
-    m = data.draw(st.integers(0, 64)) if n else 0
-    indices = data.draw(arrays(np.uint32, m, elements=st.integers(0, max(n - 1, 0))))
-    values = data.draw(arrays(np.float32, m, elements=st.floats(-1e3, 1e3, width=32)))
+    acc, indices, values = _draw_scatter(data)
     weight = data.draw(st.floats(-10, 10))
     expected = acc.copy()
     np.add.at(expected, indices, np.float32(weight) * values)
@@ -577,15 +586,30 @@ def test_scatter_accumulate_matches_add_at_definition(data: st.DataObject) -> No
     assert _bits(acc) == _bits(expected)
 
 
+@FEW
+@given(data=st.data())
+def test_put_at_last_write_wins(data: st.DataObject) -> None:
+    # Prepare
+    residual, indices, values = _draw_scatter(data)
+    expected = residual.copy()
+    for i, v in zip(indices.tolist(), values.tolist(), strict=True):
+        expected[i] = v
+    # Execute
+    sparsify.put_at(residual, indices, values)
+    # Assert
+    assert _bits(residual) == _bits(expected)
+
+
 scatter_calls = pytest.mark.parametrize(
     "call",
     [
         lambda i, v, a: sparsify.scatter_accumulate(i, v, 0.5, a),
         lambda i, v, a: sparsify.subtract_at(a, i, v),
+        lambda i, v, a: sparsify.put_at(a, i, v),
     ],
-    ids=["scatter_accumulate", "subtract_at"],
+    ids=["scatter_accumulate", "subtract_at", "put_at"],
 )
-"""Both scatter writers, as ``call(indices, values, target)``."""
+"""The scatter writers, as ``call(indices, values, target)``."""
 
 
 @scatter_calls
