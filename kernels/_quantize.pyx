@@ -34,8 +34,8 @@ cdef extern from "_quantize_simd.h" nogil:
     void fq_affine_dequantize(const uint8_t *codes, size_t n, float scale, float zp, float *out)
     void fq_affine_dequantize_acc(const uint8_t *codes, size_t n, float scale, float zp,
                                   float weight, float *acc)
-    void fq_quantize_block(const float *x, size_t n, int bits, size_t block_size,
-                           int stochastic, uint64_t seed, uint8_t *packed, float *scales)
+    int64_t fq_quantize_block(const float *x, size_t n, int bits, size_t block_size,
+                              int stochastic, uint64_t seed, uint8_t *packed, float *scales)
     void fq_quantize_block_feedback(const float *update, float *residual, size_t n, int bits,
                                     size_t block_size, int stochastic, uint64_t seed,
                                     uint8_t *packed, float *scales)
@@ -146,9 +146,10 @@ def quantize_affine_u8(const float[::1] x, uint8_t[::1] out_u8):
     _check_len("out_u8", out_u8.shape[0], x.shape[0])
     if n == 0:
         return 1.0, 0
-    _check_finite("x", x)
     with nogil:
         fq_minmax(&x[0], n, &lo, &hi)
+    if not (isfinite(lo) and isfinite(hi)):  # NaN/Inf keys sort past every finite one
+        _check_finite("x", x)
     lo = lo if lo < 0.0 else 0.0
     hi = hi if hi > 0.0 else 0.0
     if hi == lo:  # all zeros: any scale works; 1.0 keeps the parameters ordinary
@@ -203,10 +204,12 @@ def quantize_block(const float[::1] x, int bits, Py_ssize_t block_size, bint sto
     _check_len("scales_out", scales_out.shape[0], _num_blocks(x.shape[0], block_size))
     if n == 0:
         return
-    _check_finite("x", x)
+    cdef int64_t i
     with nogil:
-        fq_quantize_block(&x[0], n, bits, <size_t>block_size, stochastic, seed,
-                          &packed_out[0], &scales_out[0])
+        i = fq_quantize_block(&x[0], n, bits, <size_t>block_size, stochastic, seed,
+                              &packed_out[0], &scales_out[0])
+    if i >= 0:
+        raise _nonfinite("x", i, x[i])
 
 
 def quantize_block_feedback(const float[::1] update, const float[::1] residual, int bits,

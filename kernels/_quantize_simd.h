@@ -17,9 +17,13 @@
  * - On x86-64 with GCC, the whole-array functions are compiled twice
  *   (target_clones: AVX2 and the baseline) and picked at load time by the CPU,
  *   so wheels stay portable (no -march flags). On ARMv8 NEON is baseline.
- * - Functions that write assume finite input: the Cython layer checks the
- *   whole input first (fq_max_absbits*), so a non-finite value leaves every
- *   output and the error-feedback residual untouched.
+ * - Plain block quantization checks for NaN/Inf as it goes, per group of blocks
+ *   (the absmax it needs anyway exposes them) before writing that group, so the
+ *   input is read once. Affine quantization learns it from its min/max pass,
+ *   before writing. In-place error feedback assumes finite input, which the
+ *   Cython layer checks first (fq_max_absbits_sum), so a non-finite value leaves
+ *   the residual untouched; out-of-place feedback checks
+ *   as it goes and only reads the old residual.
  */
 #ifndef FEDGE_QUANTIZE_SIMD_H
 #define FEDGE_QUANTIZE_SIMD_H
@@ -110,7 +114,9 @@ static int64_t fq_first_nonfinite_sum(const float *a, const float *b, size_t n) 
 
 /* ---- affine uint8 -------------------------------------------------------- */
 
-/* Min and max of finite x (n > 0) via an order-preserving int32 key of the bits. */
+/* Min and max of x (n > 0) via an order-preserving int32 key of the bits. The keys
+ * of +NaN/+Inf sort above every finite one and those of -NaN/-Inf below, so
+ * lo and hi are both finite exactly when every element is. */
 FQ_CLONES static void fq_minmax(const float *x, size_t n, float *lo, float *hi) {
     int32_t kmin = INT32_MAX, kmax = INT32_MIN;
     for (size_t i = 0; i < n; i++) {
@@ -283,9 +289,9 @@ FQ_INLINE void fq_block_quantize(float *xw, const float *x, size_t len, size_t s
  * (xw == x == residual). Blocks go in groups of up to FQ_GROUP that fit in L1:
  * absmax of each, then all their scales at once, then the codes. A block length
  * of 64 (the default) is passed as a constant so GCC unrolls it completely. */
-FQ_INLINE void fq_blocks(float *xw, const float *update, const float *x, size_t n, int bits,
-                         size_t bs, int stochastic, uint64_t seed, uint8_t *packed,
-                         float *scales) {
+FQ_INLINE int64_t fq_blocks(float *xw, const float *update, const float *x, size_t n, int bits,
+                            size_t bs, int stochastic, uint64_t seed, uint8_t *packed,
+                            float *scales) {
     const float fq = (float)fq_qmax(bits);
     size_t nblocks = (n + bs - 1) / bs;
     size_t gmax = fq_group_blocks(bs);
@@ -301,6 +307,14 @@ FQ_INLINE void fq_blocks(float *xw, const float *update, const float *x, size_t 
             ab[j] = len == 64 ? fq_block_absbits(w, u, x + start, 64)
                               : fq_block_absbits(w, u, x + start, len);
         }
+        if (!xw) { /* plain quantization checks for NaN/Inf here, before writing the group */
+            uint32_t worst = 0;
+            for (size_t j = 0; j < g; j++) worst = ab[j] > worst ? ab[j] : worst;
+            if (worst > FQ_MAX_FINITE_BITS) {
+                size_t s0 = b0 * bs, end = (b0 + g) * bs < n ? (b0 + g) * bs : n;
+                return (int64_t)s0 + fq_first_nonfinite(x + s0, end - s0);
+            }
+        }
         fq_group_scales(ab, fq, sc, iv);
         for (size_t j = 0; j < g; j++) {
             size_t start = (b0 + j) * bs;
@@ -315,18 +329,20 @@ FQ_INLINE void fq_blocks(float *xw, const float *update, const float *x, size_t 
                                   packed);
         }
     }
+    return -1;
 }
 
-/* Whole array, finite input, n > 0, buffers sized by the caller. */
-FQ_CLONES static void fq_quantize_block(const float *x, size_t n, int bits, size_t block_size,
-                                        int stochastic, uint64_t seed, uint8_t *packed,
-                                        float *scales) {
+/* Whole array, n > 0, buffers sized by the caller. Returns -1, or the index of
+ * the first NaN/Inf, found group by group as the pass goes: the outputs then hold
+ * the groups before it. */
+FQ_CLONES static int64_t fq_quantize_block(const float *x, size_t n, int bits, size_t block_size,
+                                           int stochastic, uint64_t seed, uint8_t *packed,
+                                           float *scales) {
     if (bits == 8)
-        fq_blocks(NULL, NULL, x, n, 8, block_size, stochastic, seed, packed, scales);
-    else if (bits == 4)
-        fq_blocks(NULL, NULL, x, n, 4, block_size, stochastic, seed, packed, scales);
-    else
-        fq_blocks(NULL, NULL, x, n, 2, block_size, stochastic, seed, packed, scales);
+        return fq_blocks(NULL, NULL, x, n, 8, block_size, stochastic, seed, packed, scales);
+    if (bits == 4)
+        return fq_blocks(NULL, NULL, x, n, 4, block_size, stochastic, seed, packed, scales);
+    return fq_blocks(NULL, NULL, x, n, 2, block_size, stochastic, seed, packed, scales);
 }
 
 /* Error feedback, one cache-resident pass per group of blocks:

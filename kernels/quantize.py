@@ -13,8 +13,10 @@ Rules:
   upstream, not something to copy around on a Raspberry Pi.
 * Bad parameters (bits, block_size, zero_point, seed) raise
   :class:`kernels.errors.InvalidConfigError`.
-* NaN/+-Inf input raises :class:`kernels.errors.NonFiniteInputError`; outputs
-  and the error-feedback residual are then left untouched.
+* NaN/+-Inf input raises :class:`kernels.errors.NonFiniteInputError`; the
+  error-feedback residual and an accumulator are then left untouched. Block
+  quantization checks as it goes (one read of the input), so its output buffers
+  may hold part of the result; the codecs never hand those out.
 * Inputs are never modified; ``residual`` and ``acc`` are updated in place.
 
 Rounding is round-half-to-even (deterministic) or stochastic with a
@@ -331,7 +333,9 @@ def quantize_block(
     InvalidConfigError
         Unsupported ``bits``, ``block_size`` or ``seed``.
     NonFiniteInputError
-        ``x`` contains NaN or +/-Inf; the outputs are left untouched.
+        ``x`` contains NaN or +/-Inf. The check runs with the quantization, a
+        group of blocks (at most 16 KiB of input) at a time, so the outputs then
+        hold the codes and scales of the groups before the first bad value.
 
     Notes
     -----
