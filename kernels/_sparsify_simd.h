@@ -103,6 +103,32 @@ static inline void fe_block_sum_bad(const float *r, const float *u, fe_acc *bad)
         *bad |= (v & FE_ABS_MASK) + FE_FINITE_BIAS;
     }
 }
+
+/* Appends base + j and bits[j] to cand/cbits for each j < FE_BLOCK with key >= t,
+ * in order; the caller guarantees room for FE_BLOCK entries. A block usually
+ * holds one or two candidates, so the loop runs over the set bits of a mask
+ * (bit j: element j qualifies) rather than over all sixteen elements. */
+static inline ptrdiff_t fe_block_take_ge(const uint32_t *bits, uint32_t tm1, uint32_t base,
+                                         uint32_t *cand, uint32_t *cbits, ptrdiff_t c)
+{
+    typedef int32_t fe_v4i __attribute__((vector_size(16)));
+    const fe_v4u lane = {1u, 2u, 4u, 8u};
+    fe_v4u m = FE_ACC_ZERO;
+    for (int j = 0; j < FE_BLOCK; j += 4) {
+        fe_v4u v;
+        memcpy(&v, bits + j, sizeof v);
+        fe_v4i ge = (fe_v4i)(tm1 - (v & FE_ABS_MASK)) >> 31; /* all ones where key >= t */
+        m |= ((fe_v4u)ge & lane) << (uint32_t)j;
+    }
+    uint32_t mask = fe_acc_or(m);
+    while (mask) {
+        int j = __builtin_ctz(mask);
+        cand[c] = base + (uint32_t)j;
+        cbits[c++] = bits[j];
+        mask &= mask - 1u;
+    }
+    return c;
+}
 #else
 typedef uint32_t fe_acc;
 #define FE_ACC_ZERO 0u
@@ -142,6 +168,18 @@ static inline void fe_block_sum_bad(const float *r, const float *u, fe_acc *bad)
     for (int j = 0; j < FE_BLOCK; j++) {
         *bad |= fe_key(r[j] + u[j]) + FE_FINITE_BIAS;
     }
+}
+
+static inline ptrdiff_t fe_block_take_ge(const uint32_t *bits, uint32_t tm1, uint32_t base,
+                                         uint32_t *cand, uint32_t *cbits, ptrdiff_t c)
+{
+    for (int j = 0; j < FE_BLOCK; j++) { /* branch-free stores */
+        uint32_t b = bits[j];
+        cand[c] = base + (uint32_t)j;
+        cbits[c] = b;
+        c += (tm1 - (b & FE_ABS_MASK)) >> 31;
+    }
+    return c;
 }
 #endif
 
@@ -312,10 +350,40 @@ static ptrdiff_t fe_take_top(const float *x, ptrdiff_t n, uint32_t t, ptrdiff_t 
     return c;
 }
 
+/* fe_block_take_ge, also near the end of cand: stores up to cap entries in all.
+ * Returns 1 when the block holds more candidates than fit (*c is then cap). */
+static inline int fe_block_take_ge_capped(const uint32_t *bits, uint32_t tm1, uint32_t base,
+                                          uint32_t *cand, uint32_t *cbits, ptrdiff_t *c,
+                                          ptrdiff_t cap)
+{
+    if (*c + FE_BLOCK <= cap) {
+        *c = fe_block_take_ge(bits, tm1, base, cand, cbits, *c);
+        return 0;
+    }
+    for (int j = 0; j < FE_BLOCK; j++) {
+        if ((tm1 - (bits[j] & FE_ABS_MASK)) >> 31) {
+            if (*c == cap) {
+                return 1;
+            }
+            cand[*c] = base + (uint32_t)j;
+            cbits[(*c)++] = bits[j];
+        }
+    }
+    return 0;
+}
+
+/* Blocks scanned per chunk (16 KiB of input, so the second look hits L1). */
+#define FE_CHUNK_BLOCKS 128
+
 /* Streaming candidate pass: store every i with key(x[i]) >= t into cand[0..cap),
  * and the float bits of x[i] into cbits (so trimming needs no gather from x).
  * Returns the count, or -1 when more than cap candidates exist (the pass stops).
- * *nonfinite is set when a NaN/Inf was seen in the part scanned. */
+ * *nonfinite is set when a NaN/Inf was seen in the part scanned.
+ *
+ * Around a 1 % threshold a fifth of the 16-element blocks hold a candidate, at
+ * random, so a branch on "this block has one" mispredicts often. Each chunk is
+ * therefore scanned twice: first, without branching, into a list of the blocks
+ * that hold a candidate; then those blocks only, from L1. */
 static ptrdiff_t fe_select_ge(const float *x, ptrdiff_t n, uint32_t t, uint32_t *cand,
                               uint32_t *cbits, ptrdiff_t cap, int *nonfinite)
 {
@@ -324,29 +392,24 @@ static ptrdiff_t fe_select_ge(const float *x, ptrdiff_t n, uint32_t t, uint32_t 
     fe_acc vbad = FE_ACC_ZERO;
     uint32_t bad = 0;
     ptrdiff_t c = 0, i = 0;
-    for (; i + FE_BLOCK <= n; i += FE_BLOCK) {
-        if (!(fe_block_any_ge(xb + i, tm1, &vbad) & FE_TOP_BIT)) {
-            continue;
+    uint32_t hits[FE_CHUNK_BLOCKS];
+    while (i + FE_BLOCK <= n) {
+        ptrdiff_t nblk = (n - i) / FE_BLOCK;
+        nblk = nblk < FE_CHUNK_BLOCKS ? nblk : FE_CHUNK_BLOCKS;
+        ptrdiff_t nh = 0;
+        for (ptrdiff_t b = 0; b < nblk; b++) {
+            uint32_t any = fe_block_any_ge(xb + i + b * FE_BLOCK, tm1, &vbad);
+            hits[nh] = (uint32_t)b;
+            nh += any >> 31;
         }
-        if (c + FE_BLOCK <= cap) { /* room for branch-free stores */
-            for (int j = 0; j < FE_BLOCK; j++) {
-                uint32_t b = xb[i + j];
-                cand[c] = (uint32_t)(i + j);
-                cbits[c] = b;
-                c += (b & FE_ABS_MASK) >= t;
-            }
-        } else {
-            for (int j = 0; j < FE_BLOCK; j++) {
-                if ((xb[i + j] & FE_ABS_MASK) >= t) {
-                    if (c == cap) {
-                        *nonfinite = ((bad | fe_acc_or(vbad)) & FE_TOP_BIT) != 0;
-                        return -1;
-                    }
-                    cand[c] = (uint32_t)(i + j);
-                    cbits[c++] = xb[i + j];
-                }
+        for (ptrdiff_t h = 0; h < nh; h++) {
+            ptrdiff_t at = i + (ptrdiff_t)hits[h] * FE_BLOCK;
+            if (fe_block_take_ge_capped(xb + at, tm1, (uint32_t)at, cand, cbits, &c, cap)) {
+                *nonfinite = ((bad | fe_acc_or(vbad)) & FE_TOP_BIT) != 0;
+                return -1;
             }
         }
+        i += nblk * FE_BLOCK;
     }
     for (; i < n; i++) {
         uint32_t key = xb[i] & FE_ABS_MASK;
@@ -369,6 +432,8 @@ static ptrdiff_t fe_select_ge(const float *x, ptrdiff_t n, uint32_t t, uint32_t 
  * (in place: the caller must have checked every sum for NaN/Inf first, since the
  * residual is overwritten as the pass goes) or apart from r and u, which are then
  * only read (one pass, no check beforehand; large arrays get streamed stores).
+ * Chunk by chunk like fe_select_ge: the sums are written and the blocks holding
+ * a candidate listed without branching, then those blocks are looked at again.
  * Returns the count, or -1 when more than cap candidates exist (ro is still
  * written to the end). Out of place, *nonfinite is set when some sum is NaN/Inf. */
 static inline ptrdiff_t fe_add_select_ge_as(const float *r, const float *u, float *ro, ptrdiff_t n,
@@ -381,37 +446,32 @@ static inline ptrdiff_t fe_add_select_ge_as(const float *r, const float *u, floa
     uint32_t bad = 0;
     ptrdiff_t c = 0, i = 0;
     int overflow = 0;
-    for (; i + FE_BLOCK <= n; i += FE_BLOCK) {
-        uint32_t any = fe_block_add_to_any_ge(r + i, u + i, ro + i, stream, tm1, &vbad);
-        if (!(any & FE_TOP_BIT) || overflow) {
-            continue;
+    uint32_t hits[FE_CHUNK_BLOCKS];
+    while (i + FE_BLOCK <= n) {
+        ptrdiff_t nblk = (n - i) / FE_BLOCK;
+        nblk = nblk < FE_CHUNK_BLOCKS ? nblk : FE_CHUNK_BLOCKS;
+        ptrdiff_t nh = 0;
+        for (ptrdiff_t b = 0; b < nblk; b++) {
+            ptrdiff_t at = i + b * FE_BLOCK;
+            uint32_t any = fe_block_add_to_any_ge(r + at, u + at, ro + at, stream, tm1, &vbad);
+            hits[nh] = (uint32_t)b;
+            nh += any >> 31;
         }
-        /* The sums of a candidate block: read back in place; out of place recomputed
-         * from r and u (still in L1), since streamed stores bypass the cache. */
-        if (c + FE_BLOCK <= cap) {
-            for (int j = 0; j < FE_BLOCK; j++) {
-                float s = in_place ? ro[i + j] : r[i + j] + u[i + j];
-                uint32_t b;
-                memcpy(&b, &s, sizeof b);
-                cand[c] = (uint32_t)(i + j);
-                cbits[c] = b;
-                c += (b & FE_ABS_MASK) >= t;
+        for (ptrdiff_t h = 0; h < nh && !overflow; h++) {
+            ptrdiff_t at = i + (ptrdiff_t)hits[h] * FE_BLOCK;
+            /* The sums of a candidate block: read back in place; out of place
+             * recomputed from r and u (still in L1), since streamed stores bypass
+             * the cache. */
+            float sums[FE_BLOCK];
+            const uint32_t *sb = (const uint32_t *)sums;
+            if (in_place) {
+                sb = (const uint32_t *)(ro + at);
+            } else {
+                for (int j = 0; j < FE_BLOCK; j++) sums[j] = r[at + j] + u[at + j];
             }
-        } else {
-            for (int j = 0; j < FE_BLOCK && !overflow; j++) {
-                float s = in_place ? ro[i + j] : r[i + j] + u[i + j];
-                uint32_t b;
-                memcpy(&b, &s, sizeof b);
-                if ((b & FE_ABS_MASK) >= t) {
-                    if (c == cap) {
-                        overflow = 1;
-                    } else {
-                        cand[c] = (uint32_t)(i + j);
-                        cbits[c++] = b;
-                    }
-                }
-            }
+            overflow = fe_block_take_ge_capped(sb, tm1, (uint32_t)at, cand, cbits, &c, cap);
         }
+        i += nblk * FE_BLOCK;
     }
     for (; i < n; i++) {
         float s = r[i] + u[i];
