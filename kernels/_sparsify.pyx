@@ -36,7 +36,7 @@ cdef extern from "_sparsify_simd.h" nogil:
     void fe_sample_keys_sum(const float *r, const float *u, Py_ssize_t n, uint64_t seed,
                             Py_ssize_t s, uint32_t *keys)
     Py_ssize_t fe_take_candidates(const uint32_t *cand, const uint32_t *cbits, Py_ssize_t c,
-                                  uint32_t t, Py_ssize_t need_eq, uint32_t *out_i,
+                                  uint32_t t, Py_ssize_t need_eq, Py_ssize_t k, uint32_t *out_i,
                                   float *out_v)
     void fe_subtract_at(float *res, const uint32_t *idx, const float *v, Py_ssize_t m)
     void fe_put_at(float *res, const uint32_t *idx, const float *v, Py_ssize_t m)
@@ -145,7 +145,7 @@ cdef Py_ssize_t _candidates_nogil(Py_ssize_t k, bint exact, const uint32_t *cand
         fe_copy_candidates(cand, cbits, c, out_i, out_v)
         return c
     t = fe_radix_kth(cbits, c, k, &need_eq, &unused)
-    return fe_take_candidates(cand, cbits, c, t, need_eq, out_i, out_v)
+    return fe_take_candidates(cand, cbits, c, t, need_eq, k, out_i, out_v)
 
 
 def topk_exact(const float[::1] x, Py_ssize_t k, uint32_t[::1] out_indices,

@@ -241,6 +241,30 @@ static inline uint32_t fe_walk(const uint64_t *hist, uint32_t nbins, ptrdiff_t *
     return b;
 }
 
+/* hist[0..1024) = histogram of bits [lo, lo + 10) of the keys whose bits from
+ * `hi` up equal `sel`, of which there are `count`. When they are a sizeable share
+ * of the input, whether a key matches is a coin flip for the branch predictor,
+ * so the count is added unconditionally (a trimmed candidate list, whose keys
+ * crowd into a few bins); when they are rare, a branch skips the store. */
+static inline void fe_hist_within(const uint32_t *xb, ptrdiff_t n, unsigned hi, uint32_t sel,
+                                  unsigned lo, uint64_t count, uint64_t *hist)
+{
+    memset(hist, 0, 1024 * sizeof hist[0]);
+    if (count * 16 > (uint64_t)n) {
+        for (ptrdiff_t i = 0; i < n; i++) {
+            uint32_t key = xb[i] & FE_ABS_MASK;
+            hist[(key >> lo) & 1023u] += (key >> hi) == sel;
+        }
+        return;
+    }
+    for (ptrdiff_t i = 0; i < n; i++) {
+        uint32_t key = xb[i] & FE_ABS_MASK;
+        if ((key >> hi) == sel) {
+            hist[(key >> lo) & 1023u]++;
+        }
+    }
+}
+
 /* Exact radix select: the k-th largest key (1 <= k <= n) of xb[0..n) & FE_ABS_MASK,
  * in three histogram passes (11 + 10 + 10 bits) over the input, no scratch buffer.
  * *need_eq receives how many elements equal to the threshold belong to the top k
@@ -281,24 +305,13 @@ static uint32_t fe_radix_kth(const uint32_t *xb, ptrdiff_t n, ptrdiff_t k, ptrdi
         hist[b] = (uint64_t)h4[0][b] + h4[1][b] + h4[2][b] + h4[3][b];
     }
     uint32_t b1 = fe_walk(hist, 2048, &k);
+    uint64_t in_b1 = hist[b1];
 
-    memset(hist, 0, 1024 * sizeof hist[0]);
-    for (i = 0; i < n; i++) {
-        uint32_t key = xb[i] & FE_ABS_MASK;
-        if ((key >> 20) == b1) {
-            hist[(key >> 10) & 1023u]++;
-        }
-    }
+    fe_hist_within(xb, n, 20, b1, 10, in_b1, hist);
     uint32_t b2 = fe_walk(hist, 1024, &k);
     uint32_t prefix = (b1 << 10) | b2;
 
-    memset(hist, 0, 1024 * sizeof hist[0]);
-    for (i = 0; i < n; i++) {
-        uint32_t key = xb[i] & FE_ABS_MASK;
-        if ((key >> 10) == prefix) {
-            hist[key & 1023u]++;
-        }
-    }
+    fe_hist_within(xb, n, 10, prefix, 0, hist[b2], hist);
     uint32_t b3 = fe_walk(hist, 1024, &k);
     *need_eq = k;
     return (prefix << 10) | b3;
@@ -592,18 +605,22 @@ static void fe_sample_keys_sum(const float *r, const float *u, ptrdiff_t n, uint
 }
 
 /* Exact rule applied to ascending candidates with their float bits: keep keys > t
- * and the first need_eq keys == t. Returns the number written (k). */
+ * and the first need_eq keys == t, k of them in all (out_* hold k entries).
+ * Most candidates are kept, the rest at random, so the stores are unconditional
+ * and only the output position depends on the test. Returns the number written (k). */
 static ptrdiff_t fe_take_candidates(const uint32_t *cand, const uint32_t *cbits, ptrdiff_t c,
-                                    uint32_t t, ptrdiff_t need_eq, uint32_t *out_i, float *out_v)
+                                    uint32_t t, ptrdiff_t need_eq, ptrdiff_t k, uint32_t *out_i,
+                                    float *out_v)
 {
     ptrdiff_t w = 0, eq = 0;
-    for (ptrdiff_t j = 0; j < c; j++) {
+    for (ptrdiff_t j = 0; j < c && w < k; j++) {
         uint32_t key = cbits[j] & FE_ABS_MASK;
-        if (key > t || (key == t && eq++ < need_eq)) {
-            out_i[w] = cand[j];
-            memcpy(&out_v[w], &cbits[j], sizeof out_v[w]);
-            w++;
-        }
+        ptrdiff_t is_eq = key == t;
+        ptrdiff_t take = (key > t) | (is_eq & (eq < need_eq));
+        eq += is_eq;
+        out_i[w] = cand[j];
+        memcpy(&out_v[w], &cbits[j], sizeof out_v[w]);
+        w += take;
     }
     return w;
 }
