@@ -273,15 +273,29 @@ FQ_INLINE void fq_block_quantize(float *xw, const float *x, size_t len, size_t s
     for (size_t off = 0; off < len; off += FQ_CHUNK) {
         size_t m = len - off < FQ_CHUNK ? len - off : FQ_CHUNK;
         int8_t *codes = bits == 8 ? (int8_t *)packed + start + off : stage;
-        if (stochastic)
-            fq_codes_stochastic(x + off, m, inv, fq, seed, (uint64_t)(start + off), codes);
-        else
-            fq_codes_rint(x + off, m, inv, fq_qmax(bits), codes);
-        if (bits != 8) fq_pack(codes, m, bits, packed + (start + off) * (size_t)bits / 8);
-        if (xw) {
+        if (xw && !stochastic) {
+            /* Error feedback: the code and what it leaves over in one loop. */
+            const int32_t qmax = fq_qmax(bits);
             float *r = xw + off;
-            for (size_t k = 0; k < m; k++) r[k] = r[k] - (float)codes[k] * scale;
+            for (size_t k = 0; k < m; k++) {
+                float rk = r[k];
+                int32_t q = fq_sbits(rk * inv + FQ_MAGIC) - 0x4B400000;
+                q = q < qmax ? q : qmax;
+                q = q > -qmax ? q : -qmax;
+                codes[k] = (int8_t)q;
+                r[k] = rk - (float)q * scale;
+            }
+        } else {
+            if (stochastic)
+                fq_codes_stochastic(x + off, m, inv, fq, seed, (uint64_t)(start + off), codes);
+            else
+                fq_codes_rint(x + off, m, inv, fq_qmax(bits), codes);
+            if (xw) {
+                float *r = xw + off;
+                for (size_t k = 0; k < m; k++) r[k] = r[k] - (float)codes[k] * scale;
+            }
         }
+        if (bits != 8) fq_pack(codes, m, bits, packed + (start + off) * (size_t)bits / 8);
     }
 }
 
@@ -381,15 +395,28 @@ FQ_INLINE void fq_block_feedback_to(const float *r, const float *u, float *ro, i
     int8_t stage[FQ_CHUNK];
     for (size_t off = 0; off < len; off += FQ_CHUNK) {
         size_t m = len - off < FQ_CHUNK ? len - off : FQ_CHUNK;
-        for (size_t k = 0; k < m; k++) s[k] = r[off + k] + u[off + k];
         int8_t *codes = bits == 8 ? (int8_t *)packed + start + off : stage;
-        if (stochastic)
-            fq_codes_stochastic(s, m, inv, fq, seed, (uint64_t)(start + off), codes);
-        else
-            fq_codes_rint(s, m, inv, fq_qmax(bits), codes);
+        /* Streamed stores go out from a stack stage; otherwise write ro directly. */
+        float *dst = stream ? s : ro + off;
+        if (stochastic) {
+            for (size_t k = 0; k < m; k++) dst[k] = r[off + k] + u[off + k];
+            fq_codes_stochastic(dst, m, inv, fq, seed, (uint64_t)(start + off), codes);
+            for (size_t k = 0; k < m; k++) dst[k] = dst[k] - (float)codes[k] * scale;
+        } else {
+            /* One loop: sum, code (as fq_codes_rint), and what the code leaves over. */
+            const int32_t qmax = fq_qmax(bits);
+            for (size_t k = 0; k < m; k++) {
+                float sk = r[off + k] + u[off + k];
+                float v = sk * inv;
+                int32_t q = fq_sbits(v + FQ_MAGIC) - 0x4B400000;
+                q = q < qmax ? q : qmax;
+                q = q > -qmax ? q : -qmax;
+                codes[k] = (int8_t)q;
+                dst[k] = sk - (float)q * scale;
+            }
+        }
         if (bits != 8) fq_pack(codes, m, bits, packed + (start + off) * (size_t)bits / 8);
-        for (size_t k = 0; k < m; k++) s[k] = s[k] - (float)codes[k] * scale;
-        fs_store(ro + off, s, m, stream);
+        if (stream) fs_store(ro + off, s, m, 1);
     }
 }
 
