@@ -474,11 +474,11 @@ def test_feedback_keeps_two_buffers_and_alternates_them(rng: np.random.Generator
     assert seen[0] is not seen[1] and seen[2] is seen[0] and seen[3] is seen[1]
 
 
-def test_feedback_picks_in_place_for_small_residuals() -> None:
+def test_feedback_double_buffers_unless_asked_for_one_buffer() -> None:
     # Execute / Assert
-    small = ErrorFeedback(get_codec({"id": "block_i8"}), 1000)
-    large = ErrorFeedback(get_codec({"id": "block_i8"}), codecs.IN_PLACE_BELOW_NBYTES // 4)
-    assert small.in_place and not large.in_place
+    default = ErrorFeedback(get_codec({"id": "block_i8"}), 1000)
+    lean = ErrorFeedback(get_codec({"id": "block_i8"}), 1000, in_place=True)
+    assert not default.in_place and lean.in_place
 
 
 def test_feedback_rejects_a_residual_of_the_wrong_size() -> None:
