@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 from typing import Any
 
@@ -388,6 +389,24 @@ def test_topk_sampled_inexact_recall_on_gaussian_data(seed: int, fraction: float
     assert k <= indices.shape[0] <= 2 * k
     assert np.all(np.diff(indices.astype(np.int64)) > 0)
     assert _bits(values) == _bits(x[indices])
+
+
+def test_topk_sampled_in_threads_matches_one_thread() -> None:
+    # Prepare: each thread keeps its own scratch; sizes differ so buffers get reused
+    rng = np.random.default_rng(3)
+    inputs = [rng.standard_normal(n).astype(np.float32) for n in (300_000, 90_000, 500_000)] * 3
+    expected = [sparsify.topk_sampled(x, x.shape[0] // 100) for x in inputs]
+
+    def select(x: F32) -> tuple[U32, F32]:
+        return sparsify.topk_sampled(x, x.shape[0] // 100)
+
+    # Execute
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        got = list(pool.map(select, inputs))
+    # Assert
+    for (gi, gv), (ei, ev) in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(gi, ei)
+        assert _bits(gv) == _bits(ev)
 
 
 @pytest.mark.parametrize("exact", [True, False])
