@@ -1,6 +1,7 @@
 # Two entry points for a fresh Debian / Raspberry Pi OS machine:
 #   make demo   run the main job (a complete federated training on one machine)
-#   make test   lint, type-check and run the test suite (compiled kernels, then the NumPy path)
+#   make test   lint, type-check and run the test suite (compiled kernels, then the NumPy
+#               path, then the kernel tests on an AddressSanitizer build)
 # Both create or reuse .venv and install what they need, including the `mosquitto` package.
 
 PYTHON ?= python3
@@ -9,12 +10,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fedge-installed
 SOURCES := pyproject.toml setup.py $(wildcard kernels/*.pyx kernels/*.pxd kernels/*.h)
 
-.PHONY: demo test lint typecheck pytest bench broker-deps clean
+.PHONY: demo test lint typecheck pytest bench sanitize broker-deps clean
 
 demo: $(STAMP) broker-deps
 	$(BIN)/fedge sim
 
-test: $(STAMP) broker-deps lint typecheck pytest
+test: $(STAMP) broker-deps lint typecheck pytest sanitize
 
 lint: $(STAMP)
 	$(BIN)/ruff check edge kernels server_stub tests setup.py
@@ -30,13 +31,17 @@ pytest: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/fedge bench kernels
 
+# Kernel tests against an AddressSanitizer + bounds-checked build of the kernels.
+sanitize: $(STAMP)
+	.ci/sanitize
+
 # The Debian packages the project needs: python3-venv to make the virtualenv,
 # a C compiler and Python headers for the kernels, mosquitto for the broker.
 $(VENV)/bin/python:
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { sh deploy/install-system-deps.sh && $(PYTHON) -m venv $(VENV); }
 
 $(STAMP): $(VENV)/bin/python $(SOURCES)
-	@command -v cc >/dev/null 2>&1 || sh deploy/install-system-deps.sh
+	@{ command -v cc >/dev/null 2>&1 && command -v gcc >/dev/null 2>&1; } || sh deploy/install-system-deps.sh
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q -e '.[dev,litert]'
 	$(BIN)/python -c "import kernels; print('fedge kernels backend:', kernels.BACKEND)"

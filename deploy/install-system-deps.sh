@@ -1,10 +1,11 @@
 #!/bin/sh
 # Install the Debian / Raspberry Pi OS packages fedge needs when they are missing:
-# python3-venv (the virtualenv), a C compiler and Python headers (the kernels),
+# python3-venv (the virtualenv), gcc and Python headers (the kernels, and their
+# AddressSanitizer build in `make test`),
 # and mosquitto (the MQTT broker the simulator and the tests start on loopback).
 set -eu
 need=""
-command -v cc >/dev/null 2>&1 || need="$need build-essential python3-dev"
+{ command -v cc >/dev/null 2>&1 && command -v gcc >/dev/null 2>&1; } || need="$need build-essential python3-dev"
 python3 -c "import venv, ensurepip" >/dev/null 2>&1 || need="$need python3-venv"
 { command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto; } || need="$need mosquitto"
 [ -z "$need" ] && exit 0
