@@ -169,13 +169,23 @@ FQ_INLINE size_t fq_group_blocks(size_t bs) {
     return g == 0 ? 1 : g;
 }
 
+/* The largest float32 scale s with qmax * s finite in float32 (the twin's
+ * _SCALE_MAX). FLT_MAX / 127 rounds up, so without this cap a block holding
+ * values near FLT_MAX would decode to inf. */
+FQ_INLINE float fq_scale_max(float fq) {
+    return fq_from_bits(fq == 127.0f ? 0x7c010203u : (fq == 7.0f ? 0x7e124924u : 0x7f7fffffu));
+}
+
 /* Scales and reciprocals of FQ_GROUP blocks from their absmax bit patterns. The
  * divisions are independent, so they vectorize instead of stalling once per block.
- * scale = max(absmax / qmax, FLT_MIN) keeps 1/scale finite; absmax 0 gives 0, 0. */
+ * scale = min(max(absmax / qmax, FLT_MIN), fq_scale_max) keeps 1/scale and
+ * qmax * scale finite; absmax 0 gives 0, 0. */
 FQ_INLINE void fq_group_scales(const uint32_t *absbits, float fq, float *scale, float *inv) {
+    const float smax = fq_scale_max(fq);
     for (int j = 0; j < FQ_GROUP; j++) {
         float s = fq_from_bits(absbits[j]) / fq;
         s = s < FLT_MIN ? FLT_MIN : s;
+        s = s > smax ? smax : s;
         float iv = 1.0f / s;
         int nonzero = absbits[j] != 0;
         scale[j] = fq_keep_if(nonzero, s);
@@ -483,35 +493,42 @@ FQ_CLONES static int64_t fq_quantize_block_feedback_to(const float *update, cons
     return fq_blocks_to(update, residual, ro, n, 2, block_size, stochastic, seed, packed, scales);
 }
 
+/* A decoded code as a float, clamped to [-qmax, qmax]. Encoders never write
+ * -(qmax + 1) (-128, -8, -2), but a corrupt payload can hold it, and with the
+ * largest scale the payload check admits (FLT_MAX / qmax) it would overflow to -inf. */
+FQ_INLINE float fq_code_f(int32_t c, int32_t qmax) { return (float)(c < -qmax ? -qmax : c); }
+
 /* Decode one block's codes into out[0:len] as code * scale, or, when acc is
  * set, acc[k] = acc[k] + weight * (code * scale). */
 FQ_INLINE void fq_dequantize_one_block(const uint8_t *p, size_t len, int bits, float s,
                                        float *out, int accumulate, float weight) {
+    const int32_t qmax = fq_qmax(bits);
     if (bits == 8) {
         const int8_t *c = (const int8_t *)p;
         if (accumulate)
-            for (size_t k = 0; k < len; k++) out[k] = out[k] + weight * ((float)c[k] * s);
+            for (size_t k = 0; k < len; k++)
+                out[k] = out[k] + weight * (fq_code_f(c[k], qmax) * s);
         else
-            for (size_t k = 0; k < len; k++) out[k] = (float)c[k] * s;
+            for (size_t k = 0; k < len; k++) out[k] = fq_code_f(c[k], qmax) * s;
     } else if (bits == 4) {
         size_t pairs = len / 2;
         if (accumulate) {
             for (size_t j = 0; j < pairs; j++) {
                 uint8_t v = p[j];
-                float lo = (float)((int8_t)(uint8_t)(v << 4) >> 4);
-                float hi = (float)((int8_t)v >> 4);
+                float lo = fq_code_f((int8_t)(uint8_t)(v << 4) >> 4, qmax);
+                float hi = fq_code_f((int8_t)v >> 4, qmax);
                 out[2 * j] = out[2 * j] + weight * (lo * s);
                 out[2 * j + 1] = out[2 * j + 1] + weight * (hi * s);
             }
         } else {
             for (size_t j = 0; j < pairs; j++) {
                 uint8_t v = p[j];
-                out[2 * j] = (float)((int8_t)(uint8_t)(v << 4) >> 4) * s;
-                out[2 * j + 1] = (float)((int8_t)v >> 4) * s;
+                out[2 * j] = fq_code_f((int8_t)(uint8_t)(v << 4) >> 4, qmax) * s;
+                out[2 * j + 1] = fq_code_f((int8_t)v >> 4, qmax) * s;
             }
         }
         if (len & 1) {
-            float lo = (float)((int8_t)(uint8_t)(p[pairs] << 4) >> 4);
+            float lo = fq_code_f((int8_t)(uint8_t)(p[pairs] << 4) >> 4, qmax);
             size_t k = len - 1;
             out[k] = accumulate ? out[k] + weight * (lo * s) : lo * s;
         }
@@ -519,10 +536,10 @@ FQ_INLINE void fq_dequantize_one_block(const uint8_t *p, size_t len, int bits, f
         size_t quads = len / 4;
         for (size_t j = 0; j < quads; j++) {
             uint8_t v = p[j];
-            float c0 = (float)((int8_t)(uint8_t)(v << 6) >> 6);
-            float c1 = (float)((int8_t)(uint8_t)(v << 4) >> 6);
-            float c2 = (float)((int8_t)(uint8_t)(v << 2) >> 6);
-            float c3 = (float)((int8_t)v >> 6);
+            float c0 = fq_code_f((int8_t)(uint8_t)(v << 6) >> 6, qmax);
+            float c1 = fq_code_f((int8_t)(uint8_t)(v << 4) >> 6, qmax);
+            float c2 = fq_code_f((int8_t)(uint8_t)(v << 2) >> 6, qmax);
+            float c3 = fq_code_f((int8_t)v >> 6, qmax);
             float *o = out + 4 * j;
             if (accumulate) {
                 o[0] = o[0] + weight * (c0 * s);
@@ -538,7 +555,7 @@ FQ_INLINE void fq_dequantize_one_block(const uint8_t *p, size_t len, int bits, f
         }
         for (size_t k = 4 * quads; k < len; k++) {
             int sh = (int)(2 * (k & 3));
-            float c = (float)((int8_t)(uint8_t)(p[quads] << (6 - sh)) >> 6);
+            float c = fq_code_f((int8_t)(uint8_t)(p[quads] << (6 - sh)) >> 6, qmax);
             out[k] = accumulate ? out[k] + weight * (c * s) : c * s;
         }
     }

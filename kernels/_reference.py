@@ -36,6 +36,13 @@ I8 = npt.NDArray[np.int8]
 MAX_BLOCK_SIZE = 1 << 20
 _QMAX = {8: 127, 4: 7, 2: 1}
 _FLT_MIN = np.float32(np.finfo(np.float32).tiny)  # smallest normal float32
+# The largest float32 scale s with float32(qmax) * s finite. FLT_MAX / 127 rounds up,
+# so without this cap a block holding values near FLT_MAX would decode to inf.
+_SCALE_MAX = {
+    8: np.uint32(0x7C010203).view(np.float32),
+    4: np.uint32(0x7E124924).view(np.float32),
+    2: np.uint32(0x7F7FFFFF).view(np.float32),
+}
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
@@ -154,7 +161,9 @@ def _block_codes(x: F32, bits: int, block_size: int, stochastic: bool, seed: int
     xp[:n] = x
     blocks = xp.reshape(nb, block_size)
     absmax = np.abs(blocks).max(axis=1)
-    scales = np.where(absmax > 0, np.maximum(absmax / qmax, _FLT_MIN), np.float32(0))
+    scales = np.where(
+        absmax > 0, np.minimum(np.maximum(absmax / qmax, _FLT_MIN), _SCALE_MAX[bits]), np.float32(0)
+    )
     inv = np.zeros_like(scales)
     np.divide(np.float32(1.0), scales, out=inv, where=scales > 0)
     v = (blocks * inv[:, None]).ravel()[:n]
@@ -288,7 +297,9 @@ def _block_values(packed: U8, scales: F32, n: int, bits: int, block_size: int) -
     if not np.isfinite(s).all():
         b = int(np.argmax(~np.isfinite(s)))
         raise _nonfinite("scales", b, float(s[b]))
-    codes = _unpack(packed, n, bits)
+    # Encoders never write -(qmax + 1); a corrupt payload can, and with the largest
+    # scale a payload may carry (FLT_MAX / qmax) it would overflow, so it decodes as -qmax.
+    codes = np.maximum(_unpack(packed, n, bits), np.int8(-_qmax(bits)))
     return codes.astype(np.float32) * np.repeat(s, block_size)[:n]
 
 

@@ -406,7 +406,7 @@ class _BlockCodec(ValueCodec):
         _expect_len(buf, 4 + 4 * nblocks + nbytes, self.codec_id)
         scales = _f32_view(buf, 4, nblocks)
         # qmax * scale must stay finite, or a forged scale would decode to +/-inf
-        limit = np.float32(np.finfo(np.float32).max / ((1 << (self.bits - 1)) - 1))
+        limit = np.float32(quantize.max_block_scale(self.bits))
         if nblocks and not ((scales >= 0).all() and (scales <= limit).all()):
             raise CorruptPayloadError(
                 f"{self.codec_id} payload has a negative, non-finite or out-of-range scale"

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from kernels import _backend
+from kernels import _backend, _reference
 from kernels.errors import BadBufferError, InvalidConfigError
 
 Float32Vector = npt.NDArray[np.float32]
@@ -139,6 +139,23 @@ def packed_nbytes(n: int, bits: int) -> int:
     if bits not in BITS:
         raise InvalidConfigError(f"bits must be one of {BITS}, got {bits!r}")
     return (n * bits + 7) // 8
+
+
+def max_block_scale(bits: int) -> float:
+    """Return the largest scale a block payload of this width can carry.
+
+    It is the largest float32 ``s`` with ``qmax * s`` finite in float32; the
+    quantizers cap their scales there (``FLT_MAX / 127`` itself rounds up, and
+    127 times it is inf), and decoders refuse larger ones as corrupt.
+
+    Examples
+    --------
+    >>> max_block_scale(2) == float(np.finfo(np.float32).max)
+    True
+    """
+    if bits not in BITS:
+        raise InvalidConfigError(f"bits must be one of {BITS}, got {bits!r}")
+    return float(_reference._SCALE_MAX[bits])
 
 
 def quantize_affine_u8(
@@ -554,6 +571,7 @@ __all__ = [
     "dequantize_affine_u8_accumulate",
     "dequantize_block",
     "dequantize_block_accumulate",
+    "max_block_scale",
     "num_blocks",
     "packed_nbytes",
     "quantize_affine_u8",

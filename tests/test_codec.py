@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
 
 from kernels import codec as codecs
+from kernels import quantize
 from kernels.codec import ErrorFeedback, get_codec
 from kernels.errors import (
     BadBufferError,
@@ -484,6 +485,55 @@ def test_feedback_double_buffers_unless_asked_for_one_buffer() -> None:
 def test_feedback_rejects_a_residual_of_the_wrong_size() -> None:
     with pytest.raises(BadBufferError):
         ErrorFeedback(get_codec({"id": "block_i8"}), 10, residual=np.zeros(9, dtype=np.float32))
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_max_block_scale_is_the_largest_with_a_finite_qmax_multiple(bits: int) -> None:
+    # Prepare
+    qmax = np.float32((1 << (bits - 1)) - 1)
+    s = np.float32(quantize.max_block_scale(bits))
+    # Execute / Assert
+    with np.errstate(over="ignore"):
+        assert np.isfinite(qmax * s)
+        assert not np.isfinite(qmax * np.nextafter(s, np.float32(np.inf)))
+
+
+@pytest.mark.parametrize("codec_id", ["block_i8", "block_i4", "block_i2"])
+def test_block_codecs_round_trip_the_largest_floats(codec_id: str) -> None:
+    # Prepare: FLT_MAX / 127 rounds up, so a block holding FLT_MAX used to decode to inf
+    big = np.finfo(np.float32).max
+    x = np.array([big, -big, 1.0, 0.0] * 16, dtype=np.float32)
+    codec = get_codec({"id": codec_id})
+    # Execute
+    y = codec.decode(codec.encode(x), np.empty_like(x))
+    # Assert
+    assert np.isfinite(y).all()
+    assert abs(float(y[0]) - big) <= big * 1e-6 and abs(float(y[1]) + big) <= big * 1e-6
+
+
+@pytest.mark.parametrize(
+    ("codec_id", "bits", "code_byte"),
+    [("block_i8", 8, 0x80), ("block_i4", 4, 0x88), ("block_i2", 2, 0xAA)],
+)
+def test_code_no_encoder_writes_decodes_as_minus_qmax(
+    codec_id: str, bits: int, code_byte: int
+) -> None:
+    # Prepare: the largest admissible scale and every code -(qmax + 1) (found by
+    # fuzzing: -2 * FLT_MAX overflowed to -inf on block_i2 decode)
+    codec = get_codec({"id": codec_id})
+    qmax = (1 << (bits - 1)) - 1
+    scale = np.float32(quantize.max_block_scale(bits))
+    payload = bytearray(codec.encode(np.ones(64, dtype=np.float32)))
+    payload[4:8] = scale.tobytes()
+    payload[8:] = bytes([code_byte]) * (len(payload) - 8)
+    out = np.empty(64, dtype=np.float32)
+    acc = np.zeros(64, dtype=np.float32)
+    # Execute
+    codec.decode(bytes(payload), out)
+    codec.decode_accumulate(bytes(payload), acc, 0.5)
+    # Assert
+    np.testing.assert_array_equal(out, np.float32(-qmax) * scale)
+    assert np.isfinite(acc).all()
 
 
 @pytest.mark.parametrize(
