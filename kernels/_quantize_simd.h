@@ -496,7 +496,9 @@ FQ_CLONES static int64_t fq_quantize_block_feedback_to(const float *update, cons
 /* A decoded code as a float, clamped to [-qmax, qmax]. Encoders never write
  * -(qmax + 1) (-128, -8, -2), but a corrupt payload can hold it, and with the
  * largest scale the payload check admits (FLT_MAX / qmax) it would overflow to -inf. */
-FQ_INLINE float fq_code_f(int32_t c, int32_t qmax) { return (float)(c < -qmax ? -qmax : c); }
+FQ_INLINE float fq_code_f(int32_t c, int32_t qmax) {
+    return (float)(c + (int32_t)(c == -qmax - 1)); /* the only code below -qmax */
+}
 
 /* Decode one block's codes into out[0:len] as code * scale, or, when acc is
  * set, acc[k] = acc[k] + weight * (code * scale). */
