@@ -57,6 +57,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import sys
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -84,6 +85,9 @@ JSONValue: TypeAlias = Any
 """A value that survives a JSON round trip (dict, list, str, int, float, bool, None)."""
 
 Float32Vector: TypeAlias = npt.NDArray[np.float32]
+Body: TypeAlias = bytes | memoryview
+"""Encoded bytes on their way through a pipeline: ``bytes``, or a view of the buffer
+a block codec laid its payload out in (byte codecs read it without a copy)."""
 CodecKind = Literal["values", "sparsify", "bytes"]
 
 _U32 = struct.Struct("<I")
@@ -237,6 +241,11 @@ class ValueCodec(UpdateCodec):
 
     kind: ClassVar[CodecKind] = "values"
 
+    def encode_body(self, x: Float32Vector) -> Body:
+        """:meth:`encode`, but may return a view of the payload's buffer, for a byte
+        codec to compress without first copying it into ``bytes``."""
+        return self.encode(x)
+
 
 class ByteCodec(UpdateCodec):
     """A codec that compresses bytes; used alone it compresses the raw float32 bytes."""
@@ -244,8 +253,8 @@ class ByteCodec(UpdateCodec):
     kind: ClassVar[CodecKind] = "bytes"
 
     @abstractmethod
-    def compress(self, data: bytes) -> bytes:
-        """Compress ``data``."""
+    def compress(self, data: Body) -> bytes:
+        """Compress ``data`` (bytes, or a contiguous uint8 array a value codec laid out)."""
 
     @abstractmethod
     def decompress(self, data: memoryview, max_size: int) -> bytes:
@@ -355,6 +364,12 @@ class AffineU8(ValueCodec):
         return self._HEADER.size + n
 
 
+def _scales_to_wire(scales: Float32Vector) -> None:
+    """Make native float32 scales little-endian in place (a no-op on most machines)."""
+    if sys.byteorder == "big":  # pragma: no cover - little-endian CI
+        scales.byteswap(inplace=True)
+
+
 class _BlockCodec(ValueCodec):
     """Symmetric per-block quantization with a float32 scale per block.
 
@@ -383,18 +398,39 @@ class _BlockCodec(ValueCodec):
     def _layout(self, n: int) -> tuple[int, int]:
         return quantize.num_blocks(n, self.block_size), quantize.packed_nbytes(n, self.bits)
 
-    def pack(self, n: int, packed: npt.NDArray[np.uint8], scales: Float32Vector) -> bytes:
-        """Lay out a payload from kernel outputs (used by :class:`ErrorFeedback`)."""
-        return b"".join(
-            (_U32.pack(n), scales.astype("<f4", copy=False).tobytes(), packed.tobytes())
+    def payload_buffer(
+        self, n: int
+    ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8], Float32Vector]:
+        """An n-element payload, laid out, and the views the kernels write into.
+
+        Returns ``(payload, packed, scales)``: the kernels write the codes into
+        ``packed`` and the scales into ``scales``, both views of ``payload``, so no
+        copy is needed to assemble it. Call :func:`_scales_to_wire` on ``scales``
+        afterwards.
+        """
+        nblocks, nbytes = self._layout(n)
+        payload = np.empty(4 + 4 * nblocks + nbytes, dtype=np.uint8)
+        payload[:4] = np.frombuffer(_U32.pack(n), dtype=np.uint8)
+        scales = payload[4 : 4 + 4 * nblocks].view(np.float32)
+        return payload, payload[4 + 4 * nblocks :], scales
+
+    def encode_body(self, x: Float32Vector) -> memoryview:
+        x = _check_vector(x)
+        payload, packed, scales = self.payload_buffer(x.size)
+        quantize.quantize_block(
+            x,
+            self.bits,
+            self.block_size,
+            stochastic=self.stochastic,
+            seed=self.seed,
+            packed_out=packed,
+            scales_out=scales,
         )
+        _scales_to_wire(scales)
+        return payload.data
 
     def encode(self, x: Float32Vector) -> bytes:
-        x = _check_vector(x)
-        packed, scales = quantize.quantize_block(
-            x, self.bits, self.block_size, stochastic=self.stochastic, seed=self.seed
-        )
-        return self.pack(x.size, packed, scales)
+        return self.encode_body(x).tobytes()
 
     def _parse(
         self, payload: bytes | memoryview, size: int
@@ -525,7 +561,7 @@ class TopK(UpdateCodec):
             residual_out=residual_out,
         )
 
-    def pack(self, n: int, indices: npt.NDArray[np.uint32], values_payload: bytes) -> bytes:
+    def pack(self, n: int, indices: npt.NDArray[np.uint32], values_payload: Body) -> bytes:
         """Lay out a payload from the kept indices and the encoded kept values."""
         index_bytes = sparsify.encode_indices(indices, n)
         header = struct.pack("<III", n, indices.size, len(index_bytes))
@@ -581,11 +617,11 @@ _TAG_ZLIB = ord("z")
 _TAG_STORED = ord("S")
 
 
-def _smaller_of(tag: int, compressed: bytes, data: bytes) -> bytes:
+def _smaller_of(tag: int, compressed: bytes, data: Body) -> bytes:
     """Tagged compressed bytes, or the input stored as is when that is not larger."""
     if len(compressed) < len(data):
         return bytes([tag]) + compressed
-    return bytes([_TAG_STORED]) + data
+    return b"".join((bytes([_TAG_STORED]), data))
 
 
 def _stored(body: memoryview, max_size: int) -> bytes:
@@ -622,7 +658,7 @@ class Zlib(ByteCodec):
     def _params(self) -> dict[str, JSONValue]:
         return {"level": self.level}
 
-    def compress(self, data: bytes) -> bytes:
+    def compress(self, data: Body) -> bytes:
         return _smaller_of(_TAG_ZLIB, zlib.compress(data, self.level), data)
 
     def decompress(self, data: memoryview, max_size: int) -> bytes:
@@ -651,7 +687,7 @@ class Zstd(ByteCodec):
     def _params(self) -> dict[str, JSONValue]:
         return {"level": self.level}
 
-    def compress(self, data: bytes) -> bytes:
+    def compress(self, data: Body) -> bytes:
         if _zstd is None:  # pragma: no cover - only without zstandard
             return _smaller_of(_TAG_ZLIB, zlib.compress(data, 6), data)
         frame: bytes = _zstd.ZstdCompressor(level=self.level).compress(data)
@@ -726,9 +762,12 @@ class Pipeline(UpdateCodec):
     def _params(self) -> dict[str, JSONValue]:
         return {"stages": [dict(s) for s in self._stages]}
 
-    def _compress(self, body: bytes) -> bytes:
+    def _compress(self, body: Body) -> bytes:
+        if not self.byte_stages:
+            return body if isinstance(body, bytes) else body.tobytes()
         for stage in self.byte_stages:
             body = stage.compress(body)
+        assert isinstance(body, bytes)
         return body
 
     def _decompress(self, payload: bytes | memoryview, n: int) -> memoryview:
@@ -748,7 +787,7 @@ class Pipeline(UpdateCodec):
         return self.values.max_nbytes(n)
 
     def encode_parts(
-        self, n: int, indices: npt.NDArray[np.uint32] | None, values_payload: bytes
+        self, n: int, indices: npt.NDArray[np.uint32] | None, values_payload: Body
     ) -> bytes:
         """Finish a payload from already-encoded values (used by :class:`ErrorFeedback`)."""
         if self.sparsifier is not None:
@@ -759,7 +798,7 @@ class Pipeline(UpdateCodec):
     def encode(self, x: Float32Vector) -> bytes:
         x = _check_vector(x)
         if self.sparsifier is None:
-            return self._compress(self.values.encode(x))
+            return self._compress(self.values.encode_body(x))
         indices, kept = self.sparsifier.select(x)
         return self.encode_parts(x.size, indices, self.values.encode(kept))
 
@@ -972,16 +1011,20 @@ class ErrorFeedback:
             payload = self._encode_sparse(update, p, p.sparsifier, out)
         elif isinstance(p.values, _BlockCodec):
             codec = p.values
-            packed, scales = quantize.quantize_block_feedback(
+            body, packed, scales = codec.payload_buffer(update.size)
+            quantize.quantize_block_feedback(
                 update,
                 self.residual,
                 codec.bits,
                 codec.block_size,
                 stochastic=codec.stochastic,
                 seed=codec.seed,
+                packed_out=packed,
+                scales_out=scales,
                 residual_out=out,
             )
-            payload = p.encode_parts(update.size, None, codec.pack(update.size, packed, scales))
+            _scales_to_wire(scales)
+            payload = p.encode_parts(update.size, None, body.data)
         else:
             payload = self._encode_generic(update, target)
         self._commit(target)
