@@ -60,7 +60,7 @@ import struct
 import sys
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Literal, Self, TypeAlias
 
 import numpy as np
@@ -364,12 +364,6 @@ class AffineU8(ValueCodec):
         return self._HEADER.size + n
 
 
-def _scales_to_wire(scales: Float32Vector) -> None:
-    """Make native float32 scales little-endian in place (a no-op on most machines)."""
-    if sys.byteorder == "big":  # pragma: no cover - little-endian CI
-        scales.byteswap(inplace=True)
-
-
 class _BlockCodec(ValueCodec):
     """Symmetric per-block quantization with a float32 scale per block.
 
@@ -398,36 +392,59 @@ class _BlockCodec(ValueCodec):
     def _layout(self, n: int) -> tuple[int, int]:
         return quantize.num_blocks(n, self.block_size), quantize.packed_nbytes(n, self.bits)
 
-    def payload_buffer(
-        self, n: int
-    ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8], Float32Vector]:
-        """An n-element payload, laid out, and the views the kernels write into.
+    def _laid_out(
+        self, n: int, write: Callable[[npt.NDArray[np.uint8], Float32Vector], object]
+    ) -> memoryview:
+        """An n-element payload whose codes and scales ``write(packed, scales)`` fills.
 
-        Returns ``(payload, packed, scales)``: the kernels write the codes into
-        ``packed`` and the scales into ``scales``, both views of ``payload``, so no
-        copy is needed to assemble it. Call :func:`_scales_to_wire` on ``scales``
-        afterwards.
+        ``packed`` and ``scales`` are views of the payload buffer, so the kernels
+        write straight into it and no copy is needed to assemble it.
         """
         nblocks, nbytes = self._layout(n)
         payload = np.empty(4 + 4 * nblocks + nbytes, dtype=np.uint8)
         payload[:4] = np.frombuffer(_U32.pack(n), dtype=np.uint8)
         scales = payload[4 : 4 + 4 * nblocks].view(np.float32)
-        return payload, payload[4 + 4 * nblocks :], scales
+        write(payload[4 + 4 * nblocks :], scales)
+        if sys.byteorder == "big":  # pragma: no cover - the wire is little-endian
+            scales.byteswap(inplace=True)
+        return payload.data
 
     def encode_body(self, x: Float32Vector) -> memoryview:
         x = _check_vector(x)
-        payload, packed, scales = self.payload_buffer(x.size)
-        quantize.quantize_block(
-            x,
-            self.bits,
-            self.block_size,
-            stochastic=self.stochastic,
-            seed=self.seed,
-            packed_out=packed,
-            scales_out=scales,
+        return self._laid_out(
+            x.size,
+            lambda packed, scales: quantize.quantize_block(
+                x,
+                self.bits,
+                self.block_size,
+                stochastic=self.stochastic,
+                seed=self.seed,
+                packed_out=packed,
+                scales_out=scales,
+            ),
         )
-        _scales_to_wire(scales)
-        return payload.data
+
+    def encode_feedback(
+        self, update: Float32Vector, residual: Float32Vector, residual_out: Float32Vector | None
+    ) -> memoryview:
+        """The payload of ``residual + update``, updating the residual (:class:`ErrorFeedback`).
+
+        See :func:`kernels.quantize.quantize_block_feedback` for ``residual_out``.
+        """
+        return self._laid_out(
+            update.size,
+            lambda packed, scales: quantize.quantize_block_feedback(
+                update,
+                residual,
+                self.bits,
+                self.block_size,
+                stochastic=self.stochastic,
+                seed=self.seed,
+                packed_out=packed,
+                scales_out=scales,
+                residual_out=residual_out,
+            ),
+        )
 
     def encode(self, x: Float32Vector) -> bytes:
         return self.encode_body(x).tobytes()
@@ -1010,21 +1027,8 @@ class ErrorFeedback:
         if p.sparsifier is not None:
             payload = self._encode_sparse(update, p, p.sparsifier, out)
         elif isinstance(p.values, _BlockCodec):
-            codec = p.values
-            body, packed, scales = codec.payload_buffer(update.size)
-            quantize.quantize_block_feedback(
-                update,
-                self.residual,
-                codec.bits,
-                codec.block_size,
-                stochastic=codec.stochastic,
-                seed=codec.seed,
-                packed_out=packed,
-                scales_out=scales,
-                residual_out=out,
-            )
-            _scales_to_wire(scales)
-            payload = p.encode_parts(update.size, None, body.data)
+            body = p.values.encode_feedback(update, self.residual, out)
+            payload = p.encode_parts(update.size, None, body)
         else:
             payload = self._encode_generic(update, target)
         self._commit(target)
