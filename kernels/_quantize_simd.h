@@ -207,15 +207,15 @@ FQ_INLINE float fq_uniform(uint64_t seed, uint64_t index) {
  * For |v| < 2^22, v + 1.5 * 2^23 lies in [2^23, 2^24), where the float spacing
  * is 1, so its bit pattern is 0x4B400000 + rint(v): the integer comes out of the
  * bits, with no float-to-int conversion, and is clamped as an integer. */
+FQ_INLINE int32_t fq_code_rint(float v, int32_t qmax) {
+    int32_t q = fq_sbits(v + FQ_MAGIC) - 0x4B400000;
+    q = q < qmax ? q : qmax;
+    return q > -qmax ? q : -qmax;
+}
+
 FQ_INLINE void fq_codes_rint(const float *x, size_t len, float inv, int32_t qmax,
                              int8_t *codes) {
-    for (size_t k = 0; k < len; k++) {
-        float v = x[k] * inv;
-        int32_t q = fq_sbits(v + FQ_MAGIC) - 0x4B400000;
-        q = q < qmax ? q : qmax;
-        q = q > -qmax ? q : -qmax;
-        codes[k] = (int8_t)q;
-    }
+    for (size_t k = 0; k < len; k++) codes[k] = (int8_t)fq_code_rint(x[k] * inv, qmax);
 }
 
 /* Stochastic: floor(v) + (u < v - floor(v)), so E[code] = v (unbiased). With
@@ -289,9 +289,7 @@ FQ_INLINE void fq_block_quantize(float *xw, const float *x, size_t len, size_t s
             float *r = xw + off;
             for (size_t k = 0; k < m; k++) {
                 float rk = r[k];
-                int32_t q = fq_sbits(rk * inv + FQ_MAGIC) - 0x4B400000;
-                q = q < qmax ? q : qmax;
-                q = q > -qmax ? q : -qmax;
+                int32_t q = fq_code_rint(rk * inv, qmax);
                 codes[k] = (int8_t)q;
                 r[k] = rk - (float)q * scale;
             }
@@ -413,14 +411,11 @@ FQ_INLINE void fq_block_feedback_to(const float *r, const float *u, float *ro, i
             fq_codes_stochastic(dst, m, inv, fq, seed, (uint64_t)(start + off), codes);
             for (size_t k = 0; k < m; k++) dst[k] = dst[k] - (float)codes[k] * scale;
         } else {
-            /* One loop: sum, code (as fq_codes_rint), and what the code leaves over. */
+            /* One loop: sum, code, and what the code leaves over. */
             const int32_t qmax = fq_qmax(bits);
             for (size_t k = 0; k < m; k++) {
                 float sk = r[off + k] + u[off + k];
-                float v = sk * inv;
-                int32_t q = fq_sbits(v + FQ_MAGIC) - 0x4B400000;
-                q = q < qmax ? q : qmax;
-                q = q > -qmax ? q : -qmax;
+                int32_t q = fq_code_rint(sk * inv, qmax);
                 codes[k] = (int8_t)q;
                 dst[k] = sk - (float)q * scale;
             }
