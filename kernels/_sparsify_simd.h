@@ -563,34 +563,17 @@ static void fe_put_at(float *res, const uint32_t *idx, const float *v, ptrdiff_t
  * draws early through a small ring (the hash is cheap to keep in flight). */
 #define FE_SAMPLE_AHEAD 32
 
-/* Magnitude keys of the sample: keys[m] = key(x[pos(seed, m)]) for m < s. */
-static void fe_sample_keys(const float *x, ptrdiff_t n, uint64_t seed, ptrdiff_t s, uint32_t *keys)
-{
-    ptrdiff_t ring[FE_SAMPLE_AHEAD];
-    for (ptrdiff_t m = 0; m < FE_SAMPLE_AHEAD && m < s; m++) {
-        ring[m] = fe_sample_position(seed, (uint64_t)m, (uint64_t)n);
-        FE_PREFETCH_R(x + ring[m]);
-    }
-    for (ptrdiff_t m = 0; m < s; m++) {
-        ptrdiff_t j = ring[m % FE_SAMPLE_AHEAD];
-        if (m + FE_SAMPLE_AHEAD < s) {
-            ptrdiff_t q = fe_sample_position(seed, (uint64_t)(m + FE_SAMPLE_AHEAD), (uint64_t)n);
-            ring[m % FE_SAMPLE_AHEAD] = q;
-            FE_PREFETCH_R(x + q);
-        }
-        keys[m] = fe_key(x[j]);
-    }
-}
-
-/* Same, for the values the residual will hold after the add: key(r[j] + u[j]). */
-static void fe_sample_keys_sum(const float *r, const float *u, ptrdiff_t n, uint64_t seed, ptrdiff_t s,
-                               uint32_t *keys)
+/* Magnitude keys of the sample, keys[m] = key(v(pos(seed, m))) for m < s, where
+ * v(j) is r[j], or r[j] + u[j] when u is used (compiled once per case, `sum` a
+ * constant, like fe_add_select_ge_as). */
+static inline void fe_sample_keys_as(const float *r, const float *u, ptrdiff_t n, uint64_t seed,
+                                     ptrdiff_t s, uint32_t *keys, const int sum)
 {
     ptrdiff_t ring[FE_SAMPLE_AHEAD];
     for (ptrdiff_t m = 0; m < FE_SAMPLE_AHEAD && m < s; m++) {
         ring[m] = fe_sample_position(seed, (uint64_t)m, (uint64_t)n);
         FE_PREFETCH_R(r + ring[m]);
-        FE_PREFETCH_R(u + ring[m]);
+        if (sum) FE_PREFETCH_R(u + ring[m]);
     }
     for (ptrdiff_t m = 0; m < s; m++) {
         ptrdiff_t j = ring[m % FE_SAMPLE_AHEAD];
@@ -598,10 +581,22 @@ static void fe_sample_keys_sum(const float *r, const float *u, ptrdiff_t n, uint
             ptrdiff_t q = fe_sample_position(seed, (uint64_t)(m + FE_SAMPLE_AHEAD), (uint64_t)n);
             ring[m % FE_SAMPLE_AHEAD] = q;
             FE_PREFETCH_R(r + q);
-            FE_PREFETCH_R(u + q);
+            if (sum) FE_PREFETCH_R(u + q);
         }
-        keys[m] = fe_key(r[j] + u[j]);
+        keys[m] = fe_key(sum ? r[j] + u[j] : r[j]);
     }
+}
+
+static void fe_sample_keys(const float *x, ptrdiff_t n, uint64_t seed, ptrdiff_t s, uint32_t *keys)
+{
+    fe_sample_keys_as(x, NULL, n, seed, s, keys, 0);
+}
+
+/* Same, for the values the residual will hold after the add: key(r[j] + u[j]). */
+static void fe_sample_keys_sum(const float *r, const float *u, ptrdiff_t n, uint64_t seed, ptrdiff_t s,
+                               uint32_t *keys)
+{
+    fe_sample_keys_as(r, u, n, seed, s, keys, 1);
 }
 
 /* Exact rule applied to ascending candidates with their float bits: keep keys > t
