@@ -25,6 +25,7 @@ def quantize_block(
     packed_out: _U8,
     scales_out: _F32,
 ) -> None: ...
+def residual_add(residual: _F32, update: _F32, out: _F32) -> None: ...
 def quantize_block_feedback(
     update: _F32,
     residual: _F32,

@@ -29,6 +29,7 @@ cdef extern from "_quantize_simd.h" nogil:
     uint32_t fq_max_absbits_sum(const float *a, const float *b, size_t n)
     int64_t fq_first_nonfinite(const float *x, size_t n)
     int64_t fq_first_nonfinite_sum(const float *a, const float *b, size_t n)
+    int64_t fq_residual_add(const float *r, const float *u, float *out, size_t n)
     void fq_minmax(const float *x, size_t n, float *lo, float *hi)
     void fq_affine_quantize(const float *x, size_t n, float inv, int zp, uint8_t *out)
     void fq_affine_dequantize(const uint8_t *codes, size_t n, float scale, float zp, float *out)
@@ -90,6 +91,28 @@ cdef int _check_apart(str a, const float *pa, str b, const float *pb, size_t n) 
     if pa < pb + n and pb < pa + n:
         raise BadBufferError(f"{a} overlaps {b}; pass a separate array, or the residual "
                              "itself to update it in place")
+    return 0
+
+
+cdef int _check_feedback_lengths(Py_ssize_t n_update, Py_ssize_t n_residual, str out_name,
+                                 Py_ssize_t n_out) except -1:
+    if n_residual != n_update:
+        raise BadBufferError(f"residual has {n_residual} elements but update has {n_update}; "
+                             "keep one residual per parameter vector")
+    if n_out != n_update:
+        raise BadBufferError(f"{out_name} has {n_out} elements but update has {n_update}")
+    return 0
+
+
+cdef int _check_sum_finite(const float *r, const float *u, size_t n) except -1:
+    """Raise for the first NaN/Inf residual + update, writing nothing (n > 0)."""
+    cdef uint32_t m
+    cdef int64_t i
+    with nogil:
+        m = fq_max_absbits_sum(r, u, n)
+    if m > FQ_MAX_FINITE_BITS:
+        i = fq_first_nonfinite_sum(r, u, n)
+        raise _nonfinite("residual + update", i, <float>(r[i] + u[i]))
     return 0
 
 
@@ -192,6 +215,31 @@ def dequantize_affine_u8_accumulate(const uint8_t[::1] codes, float scale, int z
         fq_affine_dequantize_acc(&codes[0], n, scale, <float>zero_point, weight, &acc[0])
 
 
+# ---- residual + update ----
+
+def residual_add(const float[::1] residual, const float[::1] update, float[::1] out):
+    """out = residual + update (float32).
+
+    ``out`` is either ``residual`` itself (in place: the whole sum is checked
+    first, so on error nothing is written) or a separate array (one pass that
+    only reads ``residual``; on error ``out`` holds the sums).
+    """
+    cdef size_t n = <size_t>update.shape[0]
+    cdef int64_t i
+    _check_feedback_lengths(update.shape[0], residual.shape[0], "out", out.shape[0])
+    if n == 0:
+        return
+    if &out[0] != &residual[0]:
+        _check_apart("out", &out[0], "residual", &residual[0], n)
+        _check_apart("out", &out[0], "update", &update[0], n)
+    else:
+        _check_sum_finite(&residual[0], &update[0], n)
+    with nogil:
+        i = fq_residual_add(&residual[0], &update[0], &out[0], n)
+    if i >= 0:
+        raise _nonfinite("residual + update", i, <float>(residual[i] + update[i]))
+
+
 # ---- symmetric blocks ----
 
 def quantize_block(const float[::1] x, int bits, Py_ssize_t block_size, bint stochastic,
@@ -223,16 +271,11 @@ def quantize_block_feedback(const float[::1] update, const float[::1] residual, 
     reads ``residual``; on error the outputs hold partial results).
     """
     cdef size_t n = <size_t>update.shape[0]
-    cdef uint32_t m = 0
     cdef int64_t i
     _qmax(bits)
     _check_block_size(block_size)
-    if residual.shape[0] != update.shape[0]:
-        raise BadBufferError(f"residual has {residual.shape[0]} elements but update has "
-                             f"{update.shape[0]}; keep one residual per parameter vector")
-    if residual_out.shape[0] != update.shape[0]:
-        raise BadBufferError(f"residual_out has {residual_out.shape[0]} elements but update "
-                             f"has {update.shape[0]}")
+    _check_feedback_lengths(update.shape[0], residual.shape[0], "residual_out",
+                            residual_out.shape[0])
     _check_len("packed_out", packed_out.shape[0], _packed_nbytes(update.shape[0], bits))
     _check_len("scales_out", scales_out.shape[0], _num_blocks(update.shape[0], block_size))
     if n == 0:
@@ -249,11 +292,7 @@ def quantize_block_feedback(const float[::1] update, const float[::1] residual, 
         return
     # In place: check every residual + update before writing, so a bad update
     # leaves the residual (device state kept between rounds) exactly as it was.
-    with nogil:
-        m = fq_max_absbits_sum(&residual[0], &update[0], n)
-    if m > FQ_MAX_FINITE_BITS:
-        i = fq_first_nonfinite_sum(&residual[0], &update[0], n)
-        raise _nonfinite("residual + update", i, <float>(residual[i] + update[i]))
+    _check_sum_finite(&residual[0], &update[0], n)
     with nogil:
         fq_quantize_block_feedback(&update[0], &residual_out[0], n, bits, <size_t>block_size,
                                    stochastic, seed, &packed_out[0], &scales_out[0])

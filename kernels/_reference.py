@@ -245,6 +245,35 @@ def _check_apart(a_name: str, a: F32, b_name: str, b: F32) -> None:
         )
 
 
+def _check_feedback_lengths(n: int, residual: F32, out_name: str, out: F32) -> None:
+    if residual.shape[0] != n:
+        raise BadBufferError(
+            f"residual has {residual.shape[0]} elements but update has {n}; "
+            "keep one residual per parameter vector"
+        )
+    if out.shape[0] != n:
+        raise BadBufferError(f"{out_name} has {out.shape[0]} elements but update has {n}")
+
+
+def residual_add(residual: F32, update: F32, out: F32) -> None:
+    """out = residual + update; ``out`` is ``residual`` itself or apart from both inputs.
+
+    In place, a NaN/Inf sum raises before anything is written; into a separate
+    array ``residual`` is only read, and ``out`` holds the sums on error.
+    """
+    n = update.shape[0]
+    _check_feedback_lengths(n, residual, "out", out)
+    if n == 0:
+        return
+    if not _same_buffer(out, residual):
+        _check_apart("out", out, "residual", residual)
+        _check_apart("out", out, "update", update)
+    with np.errstate(over="ignore"):  # an overflowing sum is reported just below
+        total = residual + update
+    _check_finite("residual + update", total)
+    out[:] = total
+
+
 def quantize_block_feedback(
     update: F32,
     residual: F32,
@@ -264,15 +293,7 @@ def quantize_block_feedback(
     _qmax(bits)
     _check_block_size(block_size)
     n = update.shape[0]
-    if residual.shape[0] != n:
-        raise BadBufferError(
-            f"residual has {residual.shape[0]} elements but update has {n}; "
-            "keep one residual per parameter vector"
-        )
-    if residual_out.shape[0] != n:
-        raise BadBufferError(
-            f"residual_out has {residual_out.shape[0]} elements but update has {n}"
-        )
+    _check_feedback_lengths(n, residual, "residual_out", residual_out)
     _check_len("packed_out", packed_out.shape[0], _packed_nbytes(n, bits))
     _check_len("scales_out", scales_out.shape[0], _num_blocks(n, block_size))
     if n == 0:

@@ -385,6 +385,25 @@ static inline int fe_block_take_ge_capped(const uint32_t *bits, uint32_t tm1, ui
     return 0;
 }
 
+/* Software prefetch. Three access patterns here outrun the hardware prefetchers:
+ * the sample (random positions), the scatters below (ascending indices with gaps
+ * of ~1/fraction elements), and the candidate passes, which stream through the
+ * input but stop between chunks to look at the blocks holding a candidate, so
+ * that no load is in flight meanwhile. For the first two, asking for lines
+ * FE_AHEAD elements early roughly halves the time; the candidate passes ask for
+ * the line FE_STREAM_AHEAD elements ahead of the block they read (16 M elements,
+ * Xeon: sampled top-k about twice as fast, its error feedback 20 % faster).
+ * Other compilers get no prefetch and the same results. */
+#define FE_AHEAD 128
+#define FE_STREAM_AHEAD 1024
+#if defined(__GNUC__) || defined(__clang__)
+#define FE_PREFETCH_R(p) __builtin_prefetch((p), 0, 3)
+#define FE_PREFETCH_W(p) __builtin_prefetch((p), 1, 3)
+#else
+#define FE_PREFETCH_R(p) ((void)(p))
+#define FE_PREFETCH_W(p) ((void)(p))
+#endif
+
 /* Blocks scanned per chunk (16 KiB of input, so the second look hits L1). */
 #define FE_CHUNK_BLOCKS 128
 
@@ -410,7 +429,9 @@ static ptrdiff_t fe_select_ge(const float *x, ptrdiff_t n, uint32_t t, uint32_t 
         ptrdiff_t nblk = (n - i) / FE_BLOCK;
         nblk = nblk < FE_CHUNK_BLOCKS ? nblk : FE_CHUNK_BLOCKS;
         ptrdiff_t nh = 0;
+        const int ahead = i + nblk * FE_BLOCK + FE_STREAM_AHEAD <= n;
         for (ptrdiff_t b = 0; b < nblk; b++) {
+            if (ahead) FE_PREFETCH_R(xb + i + b * FE_BLOCK + FE_STREAM_AHEAD);
             uint32_t any = fe_block_any_ge(xb + i + b * FE_BLOCK, tm1, &vbad);
             hits[nh] = (uint32_t)b;
             nh += any >> 31;
@@ -464,8 +485,13 @@ static inline ptrdiff_t fe_add_select_ge_as(const float *r, const float *u, floa
         ptrdiff_t nblk = (n - i) / FE_BLOCK;
         nblk = nblk < FE_CHUNK_BLOCKS ? nblk : FE_CHUNK_BLOCKS;
         ptrdiff_t nh = 0;
+        const int ahead = i + nblk * FE_BLOCK + FE_STREAM_AHEAD <= n;
         for (ptrdiff_t b = 0; b < nblk; b++) {
             ptrdiff_t at = i + b * FE_BLOCK;
+            if (ahead) {
+                FE_PREFETCH_R(r + at + FE_STREAM_AHEAD);
+                FE_PREFETCH_R(u + at + FE_STREAM_AHEAD);
+            }
             uint32_t any = fe_block_add_to_any_ge(r + at, u + at, ro + at, stream, tm1, &vbad);
             hits[nh] = (uint32_t)b;
             nh += any >> 31;
@@ -517,20 +543,6 @@ static ptrdiff_t fe_add_select_ge(const float *r, const float *u, float *ro, ptr
     }
     return fe_add_select_ge_as(r, u, ro, n, t, cand, cbits, cap, nonfinite, 0);
 }
-
-/* Software prefetch. Two access patterns here defeat the hardware prefetchers:
- * the sample (random positions) and the scatters below (ascending indices with
- * gaps of ~1/fraction elements). Each element misses the caches, and the core
- * alone keeps too few misses in flight; asking for lines FE_AHEAD elements early
- * roughly halves both. Other compilers get no prefetch and the same results. */
-#define FE_AHEAD 128
-#if defined(__GNUC__) || defined(__clang__)
-#define FE_PREFETCH_R(p) __builtin_prefetch((p), 0, 3)
-#define FE_PREFETCH_W(p) __builtin_prefetch((p), 1, 3)
-#else
-#define FE_PREFETCH_R(p) ((void)(p))
-#define FE_PREFETCH_W(p) ((void)(p))
-#endif
 
 /* res[idx[i]] -= v[i] for i < m, in order (indices already checked < len(res)). */
 static void fe_subtract_at(float *res, const uint32_t *idx, const float *v, ptrdiff_t m)

@@ -318,6 +318,11 @@ def _bench_size(n: int, repeats: int, rng: np.random.Generator) -> list[Row]:
     )
     add("index delta+varint decode", lambda: sparsify.decode_indices(enc, k, n))
 
+    # The floor of error feedback: reading the update and the old residual and
+    # writing the new one, with no coding at all (the double-buffered form).
+    floor_out = np.empty_like(x)
+    floor = partial(quantize.residual_add, residual, x, out=floor_out)
+    add("residual + update (feedback floor)", floor, "", None, "streamed into a second buffer")
     for name, config in FEEDBACK_CODECS.items():
         c = codecs.get_codec(config)
         payload = c.encode(x)
@@ -339,6 +344,10 @@ def _bench_size(n: int, repeats: int, rng: np.random.Generator) -> list[Row]:
                 partial(c.encode, x), partial(ef.encode, x), repeats
             )
             added = (t_ef - t_plain) / t_copy  # what feedback adds, in copies of the model
+            note = f"{ratio:.2f}x without feedback, adds {added:.2f} memcpy"
+            if not in_place:  # how the floor compares with the codec alone
+                _, _, floor_ratio = _paired_times(partial(c.encode, x), floor, repeats)
+                note += f", floor {floor_ratio:.2f}x"
             rows.append(
                 Row(
                     f"codec {name} encode + error feedback{label}",
@@ -348,7 +357,7 @@ def _bench_size(n: int, repeats: int, rng: np.random.Generator) -> list[Row]:
                     t_copy / t_ef,
                     None,
                     "",
-                    f"{ratio:.2f}x without feedback, adds {added:.2f} memcpy",
+                    note,
                 )
             )
     return rows

@@ -1050,8 +1050,13 @@ class ErrorFeedback:
         return p.encode_parts(update.size, indices, values_payload)
 
     def _encode_generic(self, update: Float32Vector, target: Float32Vector) -> bytes:
-        total = self.residual + update
-        payload = self.codec.encode(total)  # raises on NaN/Inf before any state changes
+        # Double-buffered, the sum goes straight into the buffer of the new residual
+        # (the old one is only read). In place it needs a buffer of its own: the
+        # residual may change only once the payload exists.
+        total = quantize.residual_add(
+            self.residual, update, out=None if self.in_place else target
+        )  # raises on NaN/Inf, leaving self.residual as it was
+        payload = self.codec.encode(total)
         sent = self.codec.decode(payload, np.empty_like(total))
         np.subtract(total, sent, out=target)
         return payload

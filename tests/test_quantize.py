@@ -554,6 +554,104 @@ def test_feedback_into_residual_out_accepts_a_read_only_residual() -> None:
     assert np.all(residual == 0) and np.allclose(out, 0, atol=1e-2)
 
 
+# ---- residual_add ----
+
+
+@HYPO
+@given(update=FLOATS, in_place=st.booleans(), data=st.data())
+def test_residual_add_matches_reference(
+    compiled: ModuleType, update: F32, in_place: bool, data: st.DataObject
+) -> None:
+    # Prepare
+    n = update.shape[0]
+    residual = data.draw(arrays(np.float32, n, elements=st.floats(-1e3, 1e3, width=32)))
+    results = []
+    # Execute
+    for mod in (_reference, compiled):
+        r = residual.copy()
+        out = r if in_place else np.full(n, np.nan, dtype=np.float32)
+        mod.residual_add(r, update, out)
+        results.append(out)
+        if not in_place:
+            assert _bits_equal(r, residual)  # only read
+    # Assert
+    assert _bits_equal(results[0], results[1])
+    assert _bits_equal(results[0], residual + update)
+
+
+@pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "into-out"])
+@pytest.mark.parametrize(
+    ("update_value", "residual_value"), [(np.nan, 0.0), (np.inf, 0.0), (3e38, 3e38)]
+)
+def test_residual_add_nonfinite_sum_names_the_first_and_keeps_the_residual(
+    impl: ModuleType, in_place: bool, update_value: float, residual_value: float
+) -> None:
+    # Prepare
+    n = 5000
+    update = np.ones(n, dtype=np.float32)
+    residual = np.full(n, 0.5, dtype=np.float32)
+    update[4000], residual[4000] = update_value, residual_value
+    update[-1] = np.nan  # a later bad value must not be the one reported
+    before = residual.copy()
+    out = residual if in_place else np.zeros_like(residual)
+    # Execute / Assert
+    with pytest.raises(NonFiniteInputError, match=r"residual \+ update\[4000\]"):
+        impl.residual_add(residual, update, out)
+    assert _bits_equal(residual, before)
+
+
+def test_residual_add_streams_large_arrays_with_the_same_bits(rng: np.random.Generator) -> None:
+    # Prepare: past 16 MiB the sum is written with non-temporal stores
+    n = (1 << 22) + 13
+    update = rng.standard_normal(n).astype(np.float32)
+    residual = rng.standard_normal(n).astype(np.float32)
+    expected = residual + update
+    # Execute
+    into = quantize.residual_add(residual, update)
+    quantize.residual_add(residual, update, out=residual)
+    # Assert
+    assert _bits_equal(into, expected)
+    assert _bits_equal(residual, expected)
+
+
+@pytest.mark.parametrize("overlap", ["residual", "update"])
+def test_residual_add_rejects_out_overlapping_an_input(overlap: str) -> None:
+    # Prepare: out is a view shifted by one element over one of the inputs
+    base = np.arange(129, dtype=np.float32)
+    shared, out = base[:128], base[1:]
+    other = np.ones(128, dtype=np.float32)
+    residual, update = (shared, other) if overlap == "residual" else (other, shared)
+    before = base.copy()
+    # Execute / Assert
+    with pytest.raises(BadBufferError, match=f"overlaps {overlap}"):
+        quantize.residual_add(residual, update, out=out)
+    assert _bits_equal(base, before)
+
+
+@pytest.mark.parametrize(
+    ("residual", "update", "out", "match"),
+    [
+        (np.zeros(3, np.float32), np.zeros(4, np.float32), None, "residual"),
+        (np.zeros(4, np.float32), np.zeros(4, np.float32), np.zeros(3, np.float32), "out"),
+        (np.zeros(4, np.float64), np.zeros(4, np.float32), None, "residual"),
+        (np.zeros(4, np.float32), np.zeros((2, 2), np.float32), None, "update"),
+        (np.zeros(4, np.float32), np.zeros(4, np.float32), np.zeros(4, np.int32), "out"),
+    ],
+    ids=["short-residual", "short-out", "float64", "2-d", "int-out"],
+)
+def test_residual_add_rejects_bad_buffers(residual: Any, update: Any, out: Any, match: str) -> None:
+    # Execute / Assert
+    with pytest.raises(BadBufferError, match=match):
+        quantize.residual_add(residual, update, out=out)
+
+
+def test_residual_add_empty() -> None:
+    # Execute
+    out = quantize.residual_add(np.zeros(0, np.float32), np.zeros(0, np.float32))
+    # Assert
+    assert out.shape == (0,) and out.dtype == np.float32
+
+
 # ---- public wrappers: buffers and config ----
 
 GOOD = np.zeros(10, dtype=np.float32)
