@@ -56,6 +56,13 @@ def test_codec_encode(benchmark, x: np.ndarray, preset: str) -> None:  # type: i
     benchmark(codecs.get_codec(codecs.PRESETS[preset]).encode, x)
 
 
+def test_feedback_floor(benchmark, x: np.ndarray) -> None:  # type: ignore[no-untyped-def]
+    # residual + update into a second buffer: the traffic every form of feedback needs
+    residual = np.zeros_like(x)
+    out = np.empty_like(x)
+    benchmark(quantize.residual_add, residual, x, out)
+
+
 @pytest.mark.parametrize("in_place", [False, True], ids=["double-buffered", "in-place"])
 @pytest.mark.parametrize("preset", ["int8", "topk"])
 def test_codec_encode_with_error_feedback(
