@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -556,3 +557,44 @@ def test_forged_scale_is_refused(codec_id: str, scale: float) -> None:
     # Execute / Assert
     with pytest.raises(CorruptPayloadError, match="scale"):
         codec.decode(bytes(payload), np.empty(64, dtype=np.float32))
+
+
+# ---- the per-thread payload workspace ----
+
+WORKSPACE_CONFIGS = [
+    {"id": "block_i8"},
+    {"id": "block_i4", "block_size": 32},
+    codecs.PRESETS["int8"],
+    {"id": "pipeline", "stages": [{"id": "block_i2"}]},
+    codecs.PRESETS["topk"],
+]
+
+
+@pytest.mark.parametrize(
+    "config", WORKSPACE_CONFIGS, ids=[json.dumps(c, sort_keys=True) for c in WORKSPACE_CONFIGS]
+)
+def test_payloads_survive_later_encodes(config: dict, rng: np.random.Generator) -> None:
+    # Prepare: block payloads are laid out in a buffer each thread reuses
+    codec = get_codec(config)
+    xs = [rng.standard_normal(n).astype(np.float32) for n in (5000, 700, 5000)]
+    # Execute
+    payloads = [codec.encode(x) for x in xs]
+    snapshots = [bytes(p) for p in payloads]
+    later = codec.encode(rng.standard_normal(9000).astype(np.float32))
+    # Assert: every payload is its own bytes object, untouched by the encodes after it
+    assert all(isinstance(p, bytes) for p in [*payloads, later])
+    assert [bytes(p) for p in payloads] == snapshots
+    for x, p in zip(xs, payloads, strict=True):
+        assert p == get_codec(config).encode(x)
+
+
+def test_encodes_on_many_threads_match_one_thread(rng: np.random.Generator) -> None:
+    # Prepare
+    codec = get_codec(codecs.PRESETS["int8"])
+    xs = [rng.standard_normal(20_000 + 7 * i).astype(np.float32) for i in range(24)]
+    expected = [codec.encode(x) for x in xs]
+    # Execute: the kernels release the GIL, so the threads really interleave
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        got = list(pool.map(codec.encode, xs))
+    # Assert
+    assert got == expected
