@@ -50,6 +50,7 @@
 
 #define FQ_ABS_MASK 0x7fffffffu
 #define FQ_MAX_FINITE_BITS 0x7f7fffffu /* bit pattern of FLT_MAX */
+#define FQ_FINITE_BIAS 0x00800000u     /* absbits + this has the top bit set iff NaN/Inf */
 #define FQ_MAGIC 12582912.0f           /* 1.5 * 2^23 */
 #define FQ_CHUNK 256                   /* codes staged on the stack per step */
 
@@ -122,7 +123,7 @@ static int64_t fq_first_nonfinite_sum(const float *a, const float *b, size_t n) 
  * else. Four floats at a time (GCC's vector extensions: SSE2 on x86-64, NEON on
  * ARM), stored straight from the register: going through a stack stage, as the
  * auto-vectorized loops must for streamed stores, cost a fifth more time. A sum
- * is NaN/Inf exactly when its sign-cleared bits plus 0x00800000 reach the top bit. */
+ * is NaN/Inf exactly when its sign-cleared bits plus FQ_FINITE_BIAS reach the top bit. */
 #if defined(__GNUC__)
 typedef float fq_v4f __attribute__((vector_size(16)));
 typedef uint32_t fq_v4u __attribute__((vector_size(16)));
@@ -142,14 +143,14 @@ static int64_t fq_residual_add(const float *r, const float *u, float *out, size_
         a = a + b;
         fs_store4(out + k, (const float *)&a, stream);
         memcpy(&v, &a, sizeof v);
-        vbad |= (v & FQ_ABS_MASK) + 0x00800000u;
+        vbad |= (v & FQ_ABS_MASK) + FQ_FINITE_BIAS;
     }
     bad = vbad[0] | vbad[1] | vbad[2] | vbad[3];
 #endif
     for (; k < n; k++) {
         float v = r[k] + u[k];
         out[k] = v;
-        bad |= fq_absbits(v) + 0x00800000u;
+        bad |= fq_absbits(v) + FQ_FINITE_BIAS;
     }
     fs_stream_done(stream);
     return (bad & 0x80000000u) ? fq_first_nonfinite_sum(r, u, n) : -1;

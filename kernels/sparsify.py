@@ -22,7 +22,6 @@ then each gap minus one, each as an unsigned LEB128 varint of at most 5 bytes.
 from __future__ import annotations
 
 import math
-import threading
 from fractions import Fraction
 from typing import TYPE_CHECKING, Final, TypeVar
 
@@ -30,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from kernels import _backend
+from kernels._workspace import thread_buffer
 from kernels.errors import BadBufferError, CorruptPayloadError, InvalidConfigError
 
 if TYPE_CHECKING:
@@ -203,23 +203,14 @@ def topk_exact(x: Float32Vector, k: int) -> tuple[Uint32Vector, Float32Vector]:
     return out_indices, out_values
 
 
-_workspace = threading.local()
-"""Per-thread scratch of the sampled top-k kernels, reused from call to call."""
-
-
 def _scratch(capacity: int, size: int) -> tuple[Uint32Vector, Uint32Vector]:
     """The candidate and scratch buffers of a sampled top-k call.
 
-    They hold a few MB for a large model and live only during the call. A fresh
-    allocation each time is page-faulted in anew whenever the C allocator has
-    given the memory back to the system (about 1-2 ms per call at 16 M elements),
-    so each thread keeps the largest it has needed.
+    They hold a few MB for a large model and live only during the call, so they
+    come from this thread's reused workspace (see :mod:`kernels._workspace`).
     """
     need = capacity + max(size, capacity)
-    buf: Uint32Vector | None = getattr(_workspace, "buf", None)
-    if buf is None or buf.shape[0] < need:
-        buf = np.empty(need, dtype=np.uint32)
-        _workspace.buf = buf
+    buf = thread_buffer("topk", np.uint32, need)
     return buf[:capacity], buf[capacity:need]
 
 
