@@ -1047,7 +1047,9 @@ class ErrorFeedback:
         # kept values cannot fail, so the state stays consistent.
         indices, kept = topk.select_feedback(update, self.residual, out)
         values_payload = p.values.encode(kept)
-        unsent = p.values.decode(values_payload, np.empty_like(kept))
+        # Scratch from this thread's workspace: a fresh array of this size would be
+        # page-faulted in on every call (it is used only until put_at below).
+        unsent = p.values.decode(values_payload, thread_buffer("unsent", np.float32, kept.size))
         # kept holds the new residual's entries at indices, bit for bit, so writing
         # kept - sent there equals subtracting sent, without reading the entries
         # back: on large models each one is a cache miss.
