@@ -103,8 +103,9 @@ def quantize_affine_u8(x: F32, out_u8: U8) -> tuple[float, int]:
     if n == 0:
         return 1.0, 0
     _check_finite("x", x)
-    lo = min(float(x.min()), 0.0)
-    hi = max(float(x.max()), 0.0)
+    x_lo, x_hi = _min_max(x)
+    lo = min(x_lo, 0.0)
+    hi = max(x_hi, 0.0)
     if hi == lo:
         out_u8[:n] = 0
         return 1.0, 0
@@ -152,6 +153,18 @@ def _uniform(seed: int, start: int, count: int) -> F32:
     return (z >> np.uint64(40)).astype(np.float32) * np.float32(2.0**-24)
 
 
+def _min_max(x: F32) -> tuple[float, float]:
+    """min(x), max(x) of finite x through an order-preserving int32 key of the bits,
+    as the kernel computes them (exact for subnormals, which NumPy's float min/max
+    flush to zero on 32-bit ARM)."""
+    bits = x.view(np.int32)
+    keys = bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))  # negative floats: reverse order
+    ends = np.array([keys.min(), keys.max()], dtype=np.int32)
+    ends ^= (ends >> 31) & np.int32(0x7FFFFFFF)  # the key map is its own inverse
+    lo, hi = ends.view(np.float32)
+    return float(lo), float(hi)
+
+
 def _block_codes(x: F32, bits: int, block_size: int, stochastic: bool, seed: int) -> tuple[I8, F32]:
     """Codes (int8, length n) and per-block scales of finite x."""
     n = x.shape[0]
@@ -160,9 +173,14 @@ def _block_codes(x: F32, bits: int, block_size: int, stochastic: bool, seed: int
     xp = np.zeros(nb * block_size, dtype=np.float32)
     xp[:n] = x
     blocks = xp.reshape(nb, block_size)
-    absmax = np.abs(blocks).max(axis=1)
+    # absmax from the bit patterns, as the kernel does: NumPy's float max flushes
+    # subnormals to zero on 32-bit ARM (NEON), an integer max is exact everywhere.
+    absbits = (blocks.view(np.uint32) & np.uint32(0x7FFFFFFF)).max(axis=1)
+    absmax = absbits.view(np.float32)
     scales = np.where(
-        absmax > 0, np.minimum(np.maximum(absmax / qmax, _FLT_MIN), _SCALE_MAX[bits]), np.float32(0)
+        absbits > 0,
+        np.minimum(np.maximum(absmax / qmax, _FLT_MIN), _SCALE_MAX[bits]),
+        np.float32(0),
     )
     inv = np.zeros_like(scales)
     np.divide(np.float32(1.0), scales, out=inv, where=scales > 0)

@@ -47,7 +47,9 @@ cdef extern from "_sparsify_simd.h" nogil:
 MAX_SPARSE_LENGTH = 2**32 - 1
 VARINT_MAX_NBYTES = 5
 
-cdef Py_ssize_t _MAX_LENGTH = 4294967295
+# 64-bit: a 32-bit Py_ssize_t (Raspberry Pi OS 32-bit) cannot hold 2**32 - 1, and as
+# Py_ssize_t this constant wrapped to -1 there, refusing every length.
+cdef uint64_t _MAX_LENGTH = 4294967295u
 
 
 # ---- argument checks and messages (identical to the twins in _reference.py) ----
@@ -93,7 +95,7 @@ cdef int _raise_nonfinite_sum(const float[::1] update, const float[::1] residual
 
 cdef int _check_topk_args(Py_ssize_t n, Py_ssize_t k, Py_ssize_t n_indices, Py_ssize_t n_values,
                           Py_ssize_t need) except -1:
-    if n > _MAX_LENGTH:
+    if <uint64_t>n > _MAX_LENGTH:  # n is a length, never negative
         raise BadBufferError(f"length {n} exceeds {MAX_SPARSE_LENGTH}: split the vector")
     if not 0 <= k <= n:
         raise BadBufferError(f"k = {k} is outside [0, {n}]")
@@ -293,7 +295,7 @@ cdef int _check_scatter(const uint32_t[::1] indices, const float[::1] values,
         raise BadBufferError(f"indices has {m} entries but values has {values.shape[0]}")
     with nogil:
         for i in range(m):
-            if indices[i] >= target_len:
+            if <uint64_t>indices[i] >= <uint64_t>target_len:  # also right with a 32-bit Py_ssize_t
                 bad = i
                 break
     if bad >= 0:

@@ -153,8 +153,13 @@ def _expect_n(n: int, out_size: int, codec_id: str) -> None:
 
 
 def _f32_view(buf: memoryview, offset: int, count: int) -> Float32Vector:
+    """``count`` float32 at ``offset`` of a payload: a view, or a copy when the kernels
+    could not read it in place (big-endian, or not 4-byte aligned: the block scales
+    after a top-k index section usually are not, and 32-bit ARM faults on those)."""
     arr = np.frombuffer(buf, dtype="<f4", count=count, offset=offset)
-    return arr if arr.dtype == np.float32 else arr.astype(np.float32)
+    if arr.dtype != np.float32 or not arr.flags.aligned:
+        arr = arr.astype(np.float32)  # always a fresh, aligned array
+    return arr
 
 
 def _check_bool(name: str, value: object) -> bool:

@@ -31,6 +31,18 @@ class BadBufferError(CodecError):
     """A caller-provided buffer has the wrong dtype, size, or is not contiguous/writable."""
 
 
+def unaligned_message(name: str, itemsize: int) -> str:
+    """The :class:`BadBufferError` message for an array whose items are not aligned.
+
+    x86-64 and aarch64 load unaligned floats, but 32-bit ARM (Raspberry Pi OS
+    32-bit) stops the process with SIGBUS, so the kernels take them on no platform.
+    """
+    return (
+        f"{name} is not aligned to its {itemsize}-byte items (a view at an odd byte "
+        f"offset of a buffer?); pass an aligned copy, np.array({name})"
+    )
+
+
 __all__ = [
     "BadBufferError",
     "CodecError",
@@ -38,4 +50,5 @@ __all__ = [
     "InvalidConfigError",
     "NonFiniteInputError",
     "UnknownCodecError",
+    "unaligned_message",
 ]

@@ -32,7 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from kernels import _backend, _reference
-from kernels.errors import BadBufferError, InvalidConfigError
+from kernels.errors import BadBufferError, InvalidConfigError, unaligned_message
 
 Float32Vector = npt.NDArray[np.float32]
 Uint8Vector = npt.NDArray[np.uint8]
@@ -65,6 +65,8 @@ def _check_vector(name: str, a: Any, dtype: type[np.generic], *, writable: bool 
         raise BadBufferError(
             f"{name} is not contiguous (a strided view?); pass np.ascontiguousarray({name})"
         )
+    if not a.flags.aligned:
+        raise BadBufferError(unaligned_message(name, a.itemsize))
     if writable and not a.flags.writeable:
         raise BadBufferError(f"{name} is read-only; pass a writable array")
 

@@ -30,7 +30,12 @@ import numpy.typing as npt
 
 from kernels import _backend
 from kernels._workspace import thread_buffer
-from kernels.errors import BadBufferError, CorruptPayloadError, InvalidConfigError
+from kernels.errors import (
+    BadBufferError,
+    CorruptPayloadError,
+    InvalidConfigError,
+    unaligned_message,
+)
 
 if TYPE_CHECKING:
     # Both backends expose the same signatures; type-check against the reference.
@@ -79,6 +84,8 @@ def _1d_vector(x: object, name: str, dtype: type[_Scalar]) -> npt.NDArray[_Scala
         )
     if not x.flags.c_contiguous:
         raise BadBufferError(f"{name} is not contiguous: pass np.ascontiguousarray({name})")
+    if not x.flags.aligned:
+        raise BadBufferError(unaligned_message(name, x.itemsize))
     return x
 
 

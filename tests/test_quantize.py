@@ -178,6 +178,39 @@ def test_affine_u8_matches_reference(compiled: ModuleType, x: F32, weight: float
     assert _bits_equal(accs[0], accs[1])
 
 
+SUBNORMAL_INPUTS = [
+    [2.73e-43],
+    [1e-39, -3e-39, 0.0, 5e-45, -1e-45],
+    [-1.0, 1e-40, 0.0, 2.0],
+    [1e-40] * 7 + [0.0],
+    [-1e-38, 1.1e-38, -1.2e-38, 1.17e-38],
+]
+
+
+@pytest.mark.parametrize("values", SUBNORMAL_INPUTS)
+@pytest.mark.parametrize("config", [(8, 4, False, 0), (4, 8, True, 3), (2, 4, False, 0)])
+def test_subnormal_input_matches_reference(
+    compiled: ModuleType, values: list[float], config: Config
+) -> None:
+    # NumPy's float min/max flush subnormals to zero on 32-bit ARM (NEON); the
+    # twins take extremes from the bit patterns, as the kernels do, so both agree
+    # on every platform. Hypothesis found this under qemu-arm.
+    # Prepare
+    x = np.array(values, dtype=np.float32)
+    codes = [np.zeros(x.size, dtype=np.uint8) for _ in range(2)]
+    # Execute
+    want = _run_block(_reference, x, config)
+    got = _run_block(compiled, x, config)
+    affine = [
+        m.quantize_affine_u8(x, c) for m, c in zip((_reference, compiled), codes, strict=True)
+    ]
+    # Assert
+    assert np.array_equal(got[0], want[0])
+    assert _bits_equal(got[1], want[1])
+    assert affine[0] == affine[1]
+    assert np.array_equal(codes[0], codes[1])
+
+
 # ---- error bounds ----
 
 
@@ -673,6 +706,39 @@ GOOD = np.zeros(10, dtype=np.float32)
 def test_bad_input_buffer_raises(fn: Callable[[Any], object], x: Any) -> None:
     with pytest.raises(BadBufferError):
         fn(x)
+
+
+def _unaligned_f32(n: int) -> F32:
+    """A writable float32 view one byte into a buffer: its items are not 4-byte aligned."""
+    view = np.frombuffer(bytearray(4 * n + 1), dtype=np.float32, count=n, offset=1)
+    assert not view.flags.aligned
+    return view
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        quantize.quantize_block,
+        quantize.quantize_affine_u8,
+        lambda u: quantize.dequantize_block(np.zeros(10, np.uint8), u[:1], 10),
+        lambda u: quantize.dequantize_block_accumulate(
+            np.zeros(10, np.uint8), np.ones(1, np.float32), 10, 8, 64, 1.0, u
+        ),
+        lambda u: quantize.residual_add(u, np.ones(10, np.float32)),
+        lambda u: quantize.quantize_block_feedback(np.ones(10, np.float32), u),
+    ],
+    ids=["quantize", "affine", "scales", "accumulator", "residual_add", "feedback-residual"],
+)
+def test_unaligned_buffer_raises_and_is_left_alone(call: Callable[[F32], object]) -> None:
+    # 32-bit ARM stops a process that loads floats at unaligned addresses (SIGBUS),
+    # so every platform refuses them up front with the fix in the message.
+    # Prepare
+    u = _unaligned_f32(10)
+    before = u.copy()
+    # Execute / Assert
+    with pytest.raises(BadBufferError, match=r"not aligned.*np\.array"):
+        call(u)
+    assert np.array_equal(u, before)
 
 
 @pytest.mark.parametrize(

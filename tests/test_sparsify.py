@@ -810,6 +810,30 @@ def test_topk_rejects_bad_buffers_with_a_fix(x: Any) -> None:
         sparsify.topk_exact(x, 1)
 
 
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda u: sparsify.topk_exact(u, 1),
+        lambda u: sparsify.topk_sampled(u, 1),
+        lambda u: sparsify.topk_feedback(np.ones(10, np.float32), u, 1),
+        lambda u: sparsify.put_at(u, np.array([1], np.uint32), np.ones(1, np.float32)),
+        lambda u: sparsify.scatter_accumulate(
+            np.array([1], np.uint32), u[:1], 1.0, np.ones(10, np.float32)
+        ),
+    ],
+    ids=["exact", "sampled", "feedback-residual", "put_at", "scatter-values"],
+)
+def test_unaligned_buffers_are_refused_untouched(call: Callable[[F32], object]) -> None:
+    # A float32 view at an odd byte offset: 32-bit ARM faults on such loads.
+    # Prepare
+    u = np.frombuffer(bytearray(41), dtype=np.float32, count=10, offset=1)
+    assert not u.flags.aligned
+    # Execute / Assert
+    with pytest.raises(BadBufferError, match="not aligned"):
+        call(u)
+    assert not u.any()
+
+
 @pytest.mark.parametrize("k", [-1, 11, 2.0, True])
 def test_topk_rejects_k_outside_range(k: Any) -> None:
     # Execute / Assert
