@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fedge-installed
 SOURCES := pyproject.toml setup.py $(wildcard kernels/*.pyx kernels/*.pxd kernels/*.h)
 
-.PHONY: demo test lint typecheck pytest bench sanitize broker-deps clean
+.PHONY: demo test lint typecheck pytest bench sanitize test-arm broker-deps clean
 
 demo: $(STAMP) broker-deps
 	$(BIN)/fedge sim
@@ -34,6 +34,12 @@ bench: $(STAMP)
 # Kernel tests against an AddressSanitizer + bounds-checked build of the kernels.
 sanitize: $(STAMP)
 	.ci/sanitize
+
+# The kernel and codec tests on a Raspberry Pi's CPU (64- and 32-bit), cross-compiled
+# and run under qemu-user; fetches Debian's arm Python and NumPy (docs/KERNELS.md).
+test-arm: $(STAMP)
+	.ci/foreign-arch arm64
+	.ci/foreign-arch armhf
 
 # The Debian packages the project needs: python3-venv to make the virtualenv,
 # a C compiler and Python headers for the kernels, mosquitto for the broker.

@@ -2,7 +2,9 @@
 
 Golden payloads live in ``tests/fixtures/codecs/``: for each case a
 ``<name>.bin`` payload, and ``cases.json`` with its config and expected decoded
-values. They must decode forever; a missing golden file FAILS (regenerate only
+values; ``input.f32`` holds the float32 vector they were all encoded from. They
+must decode forever, and encoding ``input.f32`` again must give the same bits on
+every CPU and NumPy version; a missing golden file FAILS (regenerate only
 deliberately, with ``python -m tests.regen_codec_fixtures``, and say why in the
 commit).
 """
@@ -17,7 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from kernels.codec import UpdateCodec, get_codec
+from kernels.codec import Pipeline, UpdateCodec, get_codec
 from kernels.errors import CorruptPayloadError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "codecs"
@@ -78,6 +80,31 @@ def check_no_input_mutation(fn: Callable[..., Any], *args: np.ndarray) -> None:
     fn(*args)
     for a, b in zip(args, before, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def load_golden_input() -> F32:
+    """The vector every golden payload was encoded from (203 float32, little-endian)."""
+    path = FIXTURES / "input.f32"
+    assert path.exists(), f"golden input {path} is missing"
+    return np.fromfile(path, dtype="<f4").astype(np.float32)
+
+
+def check_golden_encode(name: str, case: dict[str, Any], x: F32) -> None:
+    """Encoding ``x`` again gives the committed payload's bits.
+
+    Byte stages (zstd, zlib) are undone first and what they were given is
+    compared instead: their output may change with the compression library's
+    version, which the format allows, while the kernels' may not change at all.
+    """
+    config = case["config"]
+    stages = config["stages"] if config["id"] == "pipeline" else [config]
+    inner = [s for s in stages if get_codec(s).kind != "bytes"]
+    payload = (FIXTURES / f"{name}.bin").read_bytes()
+    if len(inner) < len(stages):
+        payload = bytes(Pipeline(stages)._decompress(payload, x.size))
+    inner = inner or [{"id": "raw"}]  # a byte codec alone compresses the raw floats
+    again = Pipeline(inner).encode(x)
+    assert again == payload, f"{name}: encoding the golden input gave different bits"
 
 
 def load_golden_cases() -> dict[str, Any]:
