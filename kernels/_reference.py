@@ -489,8 +489,11 @@ def _sp_sample_positions(seed: int, count: int, n: int) -> npt.NDArray[np.uint64
 
 
 def _sp_exact_positions(x: F32, k: int) -> npt.NDArray[np.intp]:
-    """The definition: the k largest |x|, ties to the lower index, ascending."""
-    return np.sort(np.argsort(-np.abs(x), kind="stable")[:k])
+    """The definition: the k largest |x|, ties to the lower index, ascending.
+
+    Sorted by the magnitude bits (for finite floats their order is that of |x|),
+    so that no float comparison can flush a subnormal (NumPy on 32-bit ARM)."""
+    return np.sort(np.argsort(~_sp_keys(x), kind="stable")[:k])
 
 
 def _sp_write(x: F32, chosen: npt.NDArray[np.intp], out_indices: U32, out_values: F32) -> int:

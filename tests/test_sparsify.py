@@ -337,6 +337,18 @@ def test_topk_exact_matches_stable_argsort_definition(x: F32, data: st.DataObjec
     assert _bits(values) == _bits(x[expected])
 
 
+def test_topk_exact_orders_subnormals_by_magnitude() -> None:
+    # Float comparisons flush subnormals to zero in NumPy on 32-bit ARM; the kernels
+    # and their twins compare magnitude bits, which order subnormals exactly.
+    # Prepare
+    x = np.array([1e-40, 0.0, -2e-40, 1e-45, -0.0, 3e-41], dtype=np.float32)
+    # Execute
+    indices, values = sparsify.topk_exact(x, 3)
+    # Assert
+    assert indices.tolist() == [0, 2, 5]
+    assert _bits(values) == _bits(x[[0, 2, 5]])
+
+
 @FEW
 @given(x=ANY_VECTOR, data=st.data())
 def test_topk_sampled_exact_equals_topk_exact_on_small_samples(x: F32, data: st.DataObject) -> None:
