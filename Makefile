@@ -35,8 +35,9 @@ bench: $(STAMP)
 sanitize: $(STAMP)
 	.ci/sanitize
 
-# The kernel and codec tests on a Raspberry Pi's CPU (64- and 32-bit), cross-compiled
-# and run under qemu-user; fetches Debian's arm Python and NumPy (docs/KERNELS.md).
+# The kernel, codec and device-side unit tests on a Raspberry Pi's CPU (64- and
+# 32-bit), cross-compiled and run under qemu-user from an x86-64 machine; fetches
+# Debian's arm Python and NumPy (docs/KERNELS.md).
 test-arm: $(STAMP)
 	.ci/foreign-arch arm64
 	.ci/foreign-arch armhf
