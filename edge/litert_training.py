@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib.resources
 import logging
+import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -61,8 +62,15 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+NO_LITERT_BUILD: Final = platform.machine() in ("armv7l", "armv6l")
+"""32-bit ARM (Raspberry Pi OS 32-bit): neither ai-edge-litert nor tflite-runtime
+publishes a build for it, so the ``litert`` extra installs nothing there."""
+
 _INSTALL_HINT: Final = (
-    "LiteRT training needs ai-edge-litert (or tflite-runtime); install it with "
+    f"LiteRT publishes no build for 32-bit ARM ({platform.machine()}): train with "
+    "--trainer numpy, or install a 64-bit OS (Raspberry Pi OS 64-bit) for .tflite models"
+    if NO_LITERT_BUILD
+    else "LiteRT training needs ai-edge-litert (or tflite-runtime); install it with "
     "pip install 'fedge[litert]'"
 )
 
