@@ -116,6 +116,18 @@ cdef int _check_sum_finite(const float *r, const float *u, size_t n) except -1:
     return 0
 
 
+cdef bint _check_feedback_target(str out_name, const float *out, const float *r,
+                                 const float *u, size_t n) except -1:
+    """Whether ``out`` (n > 0) is apart from ``r``: then it must overlap neither
+    input; in place (``out`` is ``r``), every r + u is checked before any write."""
+    if out != r:
+        _check_apart(out_name, out, "residual", r, n)
+        _check_apart(out_name, out, "update", u, n)
+        return True
+    _check_sum_finite(r, u, n)
+    return False
+
+
 cdef Py_ssize_t _num_blocks(Py_ssize_t n, Py_ssize_t block_size):
     return (n + block_size - 1) // block_size
 
@@ -229,11 +241,7 @@ def residual_add(const float[::1] residual, const float[::1] update, float[::1] 
     _check_feedback_lengths(update.shape[0], residual.shape[0], "out", out.shape[0])
     if n == 0:
         return
-    if &out[0] != &residual[0]:
-        _check_apart("out", &out[0], "residual", &residual[0], n)
-        _check_apart("out", &out[0], "update", &update[0], n)
-    else:
-        _check_sum_finite(&residual[0], &update[0], n)
+    _check_feedback_target("out", &out[0], &residual[0], &update[0], n)
     with nogil:
         i = fq_residual_add(&residual[0], &update[0], &out[0], n)
     if i >= 0:
@@ -280,9 +288,7 @@ def quantize_block_feedback(const float[::1] update, const float[::1] residual, 
     _check_len("scales_out", scales_out.shape[0], _num_blocks(update.shape[0], block_size))
     if n == 0:
         return
-    if &residual_out[0] != &residual[0]:
-        _check_apart("residual_out", &residual_out[0], "residual", &residual[0], n)
-        _check_apart("residual_out", &residual_out[0], "update", &update[0], n)
+    if _check_feedback_target("residual_out", &residual_out[0], &residual[0], &update[0], n):
         with nogil:
             i = fq_quantize_block_feedback_to(&update[0], &residual[0], &residual_out[0], n,
                                               bits, <size_t>block_size, stochastic, seed,
@@ -290,9 +296,8 @@ def quantize_block_feedback(const float[::1] update, const float[::1] residual, 
         if i >= 0:
             raise _nonfinite("residual + update", i, <float>(residual[i] + update[i]))
         return
-    # In place: check every residual + update before writing, so a bad update
-    # leaves the residual (device state kept between rounds) exactly as it was.
-    _check_sum_finite(&residual[0], &update[0], n)
+    # In place: every residual + update was checked before this write, so a bad
+    # update leaves the residual (device state kept between rounds) as it was.
     with nogil:
         fq_quantize_block_feedback(&update[0], &residual_out[0], n, bits, <size_t>block_size,
                                    stochastic, seed, &packed_out[0], &scales_out[0])

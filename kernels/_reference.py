@@ -273,6 +273,18 @@ def _check_feedback_lengths(n: int, residual: F32, out_name: str, out: F32) -> N
         raise BadBufferError(f"{out_name} has {out.shape[0]} elements but update has {n}")
 
 
+def _feedback_sum(residual: F32, update: F32, out_name: str, out: F32) -> F32:
+    """residual + update, for writing into ``out`` (``residual`` itself, or apart from
+    both inputs); raises on a NaN/Inf sum before anything is written."""
+    if not _same_buffer(out, residual):
+        _check_apart(out_name, out, "residual", residual)
+        _check_apart(out_name, out, "update", update)
+    with np.errstate(over="ignore"):  # an overflowing sum is reported just below
+        total = residual + update
+    _check_finite("residual + update", total)
+    return total
+
+
 def residual_add(residual: F32, update: F32, out: F32) -> None:
     """out = residual + update; ``out`` is ``residual`` itself or apart from both inputs.
 
@@ -283,13 +295,7 @@ def residual_add(residual: F32, update: F32, out: F32) -> None:
     _check_feedback_lengths(n, residual, "out", out)
     if n == 0:
         return
-    if not _same_buffer(out, residual):
-        _check_apart("out", out, "residual", residual)
-        _check_apart("out", out, "update", update)
-    with np.errstate(over="ignore"):  # an overflowing sum is reported just below
-        total = residual + update
-    _check_finite("residual + update", total)
-    out[:] = total
+    out[:] = _feedback_sum(residual, update, "out", out)
 
 
 def quantize_block_feedback(
@@ -316,12 +322,7 @@ def quantize_block_feedback(
     _check_len("scales_out", scales_out.shape[0], _num_blocks(n, block_size))
     if n == 0:
         return
-    if not _same_buffer(residual_out, residual):
-        _check_apart("residual_out", residual_out, "residual", residual)
-        _check_apart("residual_out", residual_out, "update", update)
-    with np.errstate(over="ignore"):  # an overflowing sum is reported just below
-        total = residual + update
-    _check_finite("residual + update", total)  # before any write: state stays intact
+    total = _feedback_sum(residual, update, "residual_out", residual_out)  # before any write
     codes, scales = _block_codes(total, bits, block_size, stochastic, seed)
     scales_out[: scales.shape[0]] = scales
     _pack(codes, bits, packed_out)

@@ -26,7 +26,7 @@ gets the same codes as the whole.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -77,6 +77,20 @@ def _check_size(name: str, a: npt.NDArray[Any], size: int) -> None:
             f"{name} has {a.shape[0]} elements, expected {size}; "
             "allocate it with the matching size or pass None to have it allocated"
         )
+
+
+_Item = TypeVar("_Item", bound=np.generic)
+
+
+def _output(
+    name: str, out: npt.NDArray[_Item] | None, dtype: type[_Item], size: int
+) -> npt.NDArray[_Item]:
+    """``out`` checked as a writable ``size``-element output, or a new array when None."""
+    if out is None:
+        return np.empty(size, dtype=dtype)
+    _check_vector(name, out, dtype, writable=True)
+    _check_size(name, out, size)
+    return out
 
 
 def _check_block_config(bits: int, block_size: int) -> None:
@@ -202,11 +216,7 @@ def quantize_affine_u8(
     True
     """
     _check_vector("x", x, np.float32)
-    if out is None:
-        out = np.empty(x.shape[0], dtype=np.uint8)
-    else:
-        _check_vector("out", out, np.uint8, writable=True)
-        _check_size("out", out, x.shape[0])
+    out = _output("out", out, np.uint8, x.shape[0])
     scale, zero_point = _backend.quantize_impl.quantize_affine_u8(x, out)
     return out, float(scale), int(zero_point)
 
@@ -240,11 +250,7 @@ def dequantize_affine_u8(
     """
     _check_vector("codes", codes, np.uint8)
     _check_zero_point(zero_point)
-    if out is None:
-        out = np.empty(codes.shape[0], dtype=np.float32)
-    else:
-        _check_vector("out", out, np.float32, writable=True)
-        _check_size("out", out, codes.shape[0])
+    out = _output("out", out, np.float32, codes.shape[0])
     _backend.quantize_impl.dequantize_affine_u8(codes, float(scale), zero_point, out)
     return out
 
@@ -290,17 +296,10 @@ def _block_outputs(
 ) -> tuple[Uint8Vector, Float32Vector]:
     nbytes = (n * bits + 7) // 8
     nblocks = (n + block_size - 1) // block_size
-    if packed_out is None:
-        packed_out = np.empty(nbytes, dtype=np.uint8)
-    else:
-        _check_vector("packed_out", packed_out, np.uint8, writable=True)
-        _check_size("packed_out", packed_out, nbytes)
-    if scales_out is None:
-        scales_out = np.empty(nblocks, dtype=np.float32)
-    else:
-        _check_vector("scales_out", scales_out, np.float32, writable=True)
-        _check_size("scales_out", scales_out, nblocks)
-    return packed_out, scales_out
+    return (
+        _output("packed_out", packed_out, np.uint8, nbytes),
+        _output("scales_out", scales_out, np.float32, nblocks),
+    )
 
 
 def quantize_block(
@@ -416,11 +415,7 @@ def residual_add(
     n = update.shape[0]
     _check_vector("residual", residual, np.float32, writable=out is residual)
     _check_size("residual", residual, n)
-    if out is None:
-        out = np.empty(n, dtype=np.float32)
-    else:
-        _check_vector("out", out, np.float32, writable=True)
-        _check_size("out", out, n)
+    out = _output("out", out, np.float32, n)
     _backend.quantize_impl.residual_add(residual, update, out)
     return out
 
@@ -500,11 +495,9 @@ def quantize_block_feedback(
     n = update.shape[0]
     _check_vector("residual", residual, np.float32, writable=residual_out is None)
     _check_size("residual", residual, n)
-    if residual_out is None:
-        residual_out = residual
-    else:
-        _check_vector("residual_out", residual_out, np.float32, writable=True)
-        _check_size("residual_out", residual_out, n)
+    residual_out = (
+        residual if residual_out is None else _output("residual_out", residual_out, np.float32, n)
+    )
     _check_block_config(bits, block_size)
     _check_seed(seed)
     packed_out, scales_out = _block_outputs(n, bits, block_size, packed_out, scales_out)
@@ -569,11 +562,7 @@ def dequantize_block(
     ``< scale`` (stochastic) for the ``x`` that was quantized.
     """
     _check_block_inputs(packed, scales, n, bits, block_size)
-    if out is None:
-        out = np.empty(n, dtype=np.float32)
-    else:
-        _check_vector("out", out, np.float32, writable=True)
-        _check_size("out", out, n)
+    out = _output("out", out, np.float32, n)
     _backend.quantize_impl.dequantize_block(packed, scales, n, bits, block_size, out)
     return out
 
