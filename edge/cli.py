@@ -7,6 +7,7 @@ device's ``fedge agent`` never load the coordinator's or the simulator's code.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -143,7 +144,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except BrokenPipeError:
+        # Whoever read stdout has gone (`fedge bench kernels | head`): stop quietly, as
+        # other command-line tools do. stdout now points at /dev/null so that the
+        # interpreter's last flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     return result
 
 

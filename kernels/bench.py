@@ -23,7 +23,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any
@@ -50,6 +50,24 @@ class Row:
     vs_numpy: float | None
     baseline: str
     note: str = ""
+
+
+class _LiveRows(list[Row]):
+    """The rows of one size, handed to ``on_row`` as they are measured (a full run
+    takes minutes on a slow device; the table then grows line by line)."""
+
+    def __init__(self, on_row: Callable[[Row], None] | None) -> None:
+        super().__init__()
+        self._on_row = on_row
+
+    def append(self, row: Row) -> None:
+        super().append(row)
+        if self._on_row is not None:
+            self._on_row(row)
+
+    def extend(self, rows: Iterable[Row]) -> None:
+        for row in rows:
+            self.append(row)
 
 
 def _median_time(fn: Callable[[], object], repeats: int) -> float:
@@ -198,11 +216,13 @@ def _bench_block(x: F32, bits: int, t_copy: float, repeats: int) -> list[Row]:
     return rows
 
 
-def _bench_size(n: int, repeats: int, rng: np.random.Generator) -> list[Row]:
+def _bench_size(
+    n: int, repeats: int, rng: np.random.Generator, on_row: Callable[[Row], None] | None = None
+) -> list[Row]:
     x = rng.standard_normal(n).astype(np.float32)
     dst = np.empty_like(x)
     t_copy = _median_time(lambda: np.copyto(dst, x), repeats)
-    rows: list[Row] = []
+    rows = _LiveRows(on_row)
 
     def add(
         kernel: str,
@@ -449,32 +469,47 @@ def real_update_ratios() -> dict[str, Any]:
     return out
 
 
-def _print_table(rows: Sequence[Row], qual: dict[str, Any]) -> None:
-    header = (
-        f"{'kernel':38} {'n':>10} {'median ms':>10} {'GB/s':>7} {'vs memcpy':>9} "
-        f"{'vs numpy':>9}  note"
+_HEADER = (
+    f"{'kernel':38} {'n':>10} {'median ms':>10} {'GB/s':>7} {'vs memcpy':>9} {'vs numpy':>9}  note"
+)
+
+
+def _print_header() -> None:
+    print(_HEADER)
+    print("-" * len(_HEADER), flush=True)
+
+
+def _print_row(r: Row) -> None:
+    vs_np = "" if r.vs_numpy is None else f"{r.vs_numpy:8.2f}x"
+    note = ", ".join(p for p in (f"numpy = {r.baseline}" if r.baseline else "", r.note) if p)
+    print(
+        f"{r.kernel:38} {r.n:>10} {r.median_s * 1e3:10.2f} {r.gb_per_s:7.2f} "
+        f"{r.vs_memcpy:8.2f}x {vs_np:>9}  {note}",
+        flush=True,
     )
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        vs_np = "" if r.vs_numpy is None else f"{r.vs_numpy:8.2f}x"
-        note = ", ".join(p for p in (f"numpy = {r.baseline}" if r.baseline else "", r.note) if p)
-        print(
-            f"{r.kernel:38} {r.n:>10} {r.median_s * 1e3:10.2f} {r.gb_per_s:7.2f} "
-            f"{r.vs_memcpy:8.2f}x {vs_np:>9}  {note}"
-        )
+
+
+def _print_quality(qual: dict[str, Any]) -> None:
     print()
     for key, value in qual.items():
         shown = f"{value:.4g}" if isinstance(value, float) else str(value)
         print(f"{key:50} {shown}")
 
 
-def run(sizes: Sequence[int], repeats: int, seed: int = 0) -> dict[str, Any]:
-    """Run the benchmark and return its figures (what ``--json`` writes)."""
+def run(
+    sizes: Sequence[int],
+    repeats: int,
+    seed: int = 0,
+    on_row: Callable[[Row], None] | None = None,
+) -> dict[str, Any]:
+    """Run the benchmark and return its figures (what ``--json`` writes).
+
+    ``on_row`` is called with each row as soon as it is measured.
+    """
     rng = np.random.default_rng(seed)
     rows: list[Row] = []
     for n in sizes:
-        rows.extend(_bench_size(n, repeats, rng))
+        rows.extend(_bench_size(n, repeats, rng, on_row))
     return {
         "machine": {
             "platform": platform.platform(),
@@ -511,8 +546,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"median of {args.repeats} runs, single thread",
         flush=True,
     )
-    result = run(sizes, args.repeats)
-    _print_table([Row(**r) for r in result["rows"]], result["quality"])
+    _print_header()
+    result = run(sizes, args.repeats, on_row=_print_row)
+    _print_quality(result["quality"])
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(result, fh, indent=2)

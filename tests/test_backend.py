@@ -45,6 +45,24 @@ def test_fedge_version() -> None:
     assert out.stdout.startswith("fedge ")
 
 
+def test_output_piped_into_a_closed_reader_ends_quietly() -> None:
+    # `fedge bench kernels | head -1`: the reader leaves after the first line, the
+    # benchmark's later lines hit a closed pipe. That ends the command, without a
+    # traceback.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge", "bench", "kernels", "--sizes", "4K", "--repeats", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().startswith("fedge kernels")
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 1
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
 @pytest.mark.parametrize("family", ["quantize", "sparsify"])
 def test_type_stubs_match_the_twins(family: str) -> None:
     # The compiled modules are typed through kernels/_<family>.pyi; the NumPy twins share

@@ -7,13 +7,16 @@ suite stays a smoke test; the figures that matter are ratios from
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 
 from kernels import codec as codecs
 from kernels import quantize, sparsify
+from kernels.bench import Row, seed_recipe_quantize
 from kernels.bench import main as bench_main
-from kernels.bench import seed_recipe_quantize
+from kernels.bench import run as bench_run
 
 N = 1 << 20
 
@@ -77,3 +80,17 @@ def test_bench_command_writes_json(tmp_path, capsys) -> None:  # type: ignore[no
     assert bench_main(["--sizes", "4K", "--repeats", "1", "--json", str(out)]) == 0
     assert out.exists()
     assert "block_i8 quantize" in capsys.readouterr().out
+
+
+def test_bench_hands_out_every_row_as_measured() -> None:
+    seen: list[Row] = []
+    result = bench_run([4096], 1, on_row=seen.append)
+    assert [asdict(r) for r in seen] == result["rows"]  # each row once, in table order
+    assert {r.kernel for r in seen} >= {"memcpy (np.copyto)", "block_i8 quantize"}
+
+
+def test_bench_table_prints_each_row_once(capsys) -> None:  # type: ignore[no-untyped-def]
+    assert bench_main(["--sizes", "4K", "--repeats", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("memcpy (np.copyto)") for line in lines) == 1
+    assert sum(line.startswith("kernel ") for line in lines) == 1
