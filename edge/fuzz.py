@@ -703,17 +703,68 @@ def expected_counts(cases: Iterable[FuzzCase]) -> dict[Target, Counter[str]]:
     return out
 
 
+# Codec configs a device may name for an update tensor: the presets and stages with
+# unusual parameters, so the fuzzer reaches every payload parser and kernel.
+_PAYLOAD_CODECS: Final[tuple[dict[str, Any], ...]] = (
+    {"id": "raw"},
+    {"id": "affine_u8"},
+    {"id": "block_i8"},
+    {"id": "block_i4", "block_size": 12},
+    {"id": "block_i2", "block_size": 4},
+    {"id": "topk", "fraction": 0.1},
+    {"id": "zstd", "level": 1},
+    {"id": "zlib"},
+    {"id": "pipeline", "stages": [{"id": "block_i8"}, {"id": "zstd", "level": 1}]},
+    {"id": "pipeline", "stages": [{"id": "block_i4"}, {"id": "zstd", "level": 1}]},
+    {"id": "pipeline", "stages": [{"id": "topk", "fraction": 0.01}, {"id": "block_i8"}]},
+    {"id": "pipeline", "stages": [{"id": "topk", "fraction": 0.2}, {"id": "affine_u8"}]},
+    {"id": "pipeline", "stages": [{"id": "topk", "fraction": 0.3}, {"id": "block_i2"}]},
+)
+
+
+def _decode_update_tensor(data: bytes) -> None:
+    """One tensor payload decoded, then accumulated, as the coordinator does.
+
+    Behind an update's HMAC a fuzzer cannot reach the payloads through
+    :meth:`ModelUpdate.from_bytes`, so this builds the update directly: byte 0 picks
+    the codec, bytes 1-2 the tensor's length, the rest is the payload. A payload the
+    decoder accepts must decode to finite values and accumulate without error.
+    """
+    import numpy as np
+
+    from edge.modelio import ModelLayout, accumulate_update, decode_update
+
+    if len(data) < 3:
+        return
+    codec = _PAYLOAD_CODECS[data[0] % len(_PAYLOAD_CODECS)]
+    n = int.from_bytes(data[1:3], "little") % 2049
+    layout = ModelLayout((("w", (n,)),))
+    update = ModelUpdate(
+        task_id="t", round_no=0, model_version=0, cid="c", num_examples=1,
+        tensors=(TensorSpec("w", (n,), codec),), payloads=(data[3:],),
+    )  # fmt: skip
+    out = np.empty(n, dtype=np.float32)
+    decode_update(update, layout, out)  # LayoutError (a WireError) on a corrupt payload
+    if not np.isfinite(out).all():
+        raise AssertionError(f"{codec} accepted a payload that decodes to NaN/Inf")
+    acc = np.zeros(n, dtype=np.float32)
+    accumulate_update(update, layout, acc, 0.5)
+    if not np.isfinite(acc).all():
+        raise AssertionError(f"{codec} accumulated NaN/Inf from a payload it accepted")
+
+
 def check_decoders(data: bytes) -> None:
     """Feed ``data`` to every decoder of the protocol; only :class:`WireError` may escape.
 
     The in-process fuzz target (atheris, hypothesis): any other exception, a hang or a
-    crash is a bug. The first byte picks the decoder, the rest is its input.
+    crash is a bug. The first byte picks the decoder, the rest is its input; the last
+    decoder is an update tensor's codec payload (:func:`_decode_update_tensor`).
     """
     from edge.chunking import Reassembler, parse_chunk
 
     if not data:
         return
-    which, body = data[0] % 7, data[1:]
+    which, body = data[0] % 8, data[1:]
     decoders: list[Callable[[bytes], object]] = [
         Status.from_bytes,
         TrainTask.from_bytes,
@@ -722,6 +773,7 @@ def check_decoders(data: bytes) -> None:
         lambda b: ModelUpdate.from_bytes(b, b"key", max_size=1 << 20),
         parse_chunk,
         lambda b: Reassembler(1 << 20, 10.0, charge_overhead=True).feed("x", b, 0.0),
+        _decode_update_tensor,
     ]
     with contextlib.suppress(WireError):
         decoders[which](body)

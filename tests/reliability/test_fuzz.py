@@ -23,21 +23,25 @@ import struct
 from pathlib import Path
 
 import google_crc32c
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge.chunking import CHUNK_OVERHEAD, TRANSFER_OVERHEAD, Reassembler
 from edge.fuzz import (
+    _PAYLOAD_CODECS,
     Expect,
     FuzzGenerator,
     FuzzTargets,
     Target,
+    _decode_update_tensor,
     check_decoders,
     expected_counts,
 )
 from edge.transport import InMemoryBroker
 from edge.wire import ChunkError, ModelManifest, Status, Topics, TrainTask, WireError
+from kernels.codec import get_codec
 from server_stub.bench_fuzz import FuzzRig, rss_bytes
 from server_stub.config import config_from_dict
 from server_stub.coordinator import Coordinator
@@ -146,6 +150,39 @@ def test_every_json_case_is_refused_by_the_shared_decoder(seed: int) -> None:
 @settings(max_examples=400, deadline=None)
 def test_decoders_raise_only_wire_errors(data: bytes) -> None:
     check_decoders(data)  # anything but WireError escaping is a bug
+
+
+@pytest.mark.parametrize("which", range(len(_PAYLOAD_CODECS)))
+def test_update_tensor_target_takes_valid_payloads_and_refuses_cut_ones(which: int) -> None:
+    # The fuzz target's codec entry must reach the decoders: a real payload decodes and
+    # accumulates, and the same payload cut short is refused with a WireError.
+    codec = get_codec(_PAYLOAD_CODECS[which])
+    n = 300
+    x = np.random.default_rng(which).standard_normal(n).astype(np.float32)
+    head = bytes([which]) + n.to_bytes(2, "little")
+    payload = codec.encode(x)
+    _decode_update_tensor(head + payload)
+    check_decoders(bytes([7]) + head + payload)
+    with pytest.raises(WireError):
+        _decode_update_tensor(head + payload[: len(payload) // 2])
+
+
+@given(
+    which=st.integers(0, len(_PAYLOAD_CODECS) - 1),
+    flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(1, 255)), max_size=4),
+)
+@settings(max_examples=300, deadline=None)
+def test_update_tensor_payloads_with_flipped_bytes(
+    which: int, flips: list[tuple[int, int]]
+) -> None:
+    # Mutations of real payloads get past the first checks far more often than random
+    # bytes do: whatever a decoder accepts must be finite, everything else a WireError.
+    n = 200
+    x = np.random.default_rng(which).standard_normal(n).astype(np.float32)
+    payload = bytearray(get_codec(_PAYLOAD_CODECS[which]).encode(x))
+    for pos, xor in flips:
+        payload[pos % len(payload)] ^= xor
+    check_decoders(bytes([7, which]) + n.to_bytes(2, "little") + bytes(payload))
 
 
 def test_coordinator_counts_bad_status_and_bad_topic(tmp_path: Path) -> None:
