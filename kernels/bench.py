@@ -135,13 +135,15 @@ def numpy_pack(q: npt.NDArray[np.int8], bits: int) -> npt.NDArray[np.uint8]:
     return out
 
 
-def _floor_note(x: F32, residual: F32, fused: Callable[[], object], repeats: int) -> str:
-    """How a fused feedback kernel compares with its floor, timed pair after pair.
+def _feedback_floor(x: F32, residual: F32) -> Callable[[], object]:
+    """The floor of error feedback: ``residual + x`` streamed into a second buffer,
+    the memory traffic every form of feedback needs (read the update and the old
+    residual, write the new one), with no coding at all."""
+    return partial(quantize.residual_add, residual, x, out=np.empty_like(x))
 
-    The floor is ``residual + update`` streamed into a second buffer: the memory
-    traffic every form of error feedback needs, with no coding at all.
-    """
-    floor = partial(quantize.residual_add, residual, x, out=np.empty_like(x))
+
+def _floor_note(floor: Callable[[], object], fused: Callable[[], object], repeats: int) -> str:
+    """How a fused feedback kernel compares with its floor, timed pair after pair."""
     _, _, ratio = _paired_times(floor, fused, repeats)
     return f", {ratio:.2f}x the feedback floor"
 
@@ -191,7 +193,7 @@ def _bench_block(x: F32, bits: int, t_copy: float, repeats: int) -> list[Row]:
             _, t_ef, ratio = _paired_times(quant, feedback, repeats)
             note = f"{ratio:.2f}x quantize"
             if target is not None:
-                note += _floor_note(x, residual, feedback, repeats)
+                note += _floor_note(_feedback_floor(x, residual), feedback, repeats)
             rows.append(row(f"block_i8 + error feedback, {label}", t_ef, note=note))
     quant()
     q_np, s_np = numpy_block_quantize(x, bits, 64)
@@ -315,6 +317,7 @@ def _bench_size(
         "recall 1 when the trim succeeds",
     )
     residual = np.zeros_like(x)
+    floor = _feedback_floor(x, residual)  # timed after the in-place rows have written residual
     targets: tuple[tuple[str, F32 | None], ...] = (
         ("in place", None),
         ("into residual_out", np.empty_like(x)),
@@ -326,7 +329,7 @@ def _bench_size(
         )
         note = f"{ratio:.2f}x sampled+trim"
         if target is not None:
-            note += _floor_note(x, residual, fused, repeats)
+            note += _floor_note(floor, fused, repeats)
         rows.append(
             Row(
                 f"topk 1% + error feedback, {label}",
@@ -352,10 +355,6 @@ def _bench_size(
     )
     add("index delta+varint decode", lambda: sparsify.decode_indices(enc, k, n))
 
-    # The floor of error feedback: reading the update and the old residual and
-    # writing the new one, with no coding at all (the double-buffered form).
-    floor_out = np.empty_like(x)
-    floor = partial(quantize.residual_add, residual, x, out=floor_out)
     add("residual + update (feedback floor)", floor, "", None, "streamed into a second buffer")
     for name, config in FEEDBACK_CODECS.items():
         c = codecs.get_codec(config)
