@@ -62,6 +62,7 @@ from edge.wire import (
     WireError,
     decode_envelope,
 )
+from kernels.codec import PRESETS
 
 __all__ = [
     "AGENT_REASONS",
@@ -703,10 +704,10 @@ def expected_counts(cases: Iterable[FuzzCase]) -> dict[Target, Counter[str]]:
     return out
 
 
-# Codec configs a device may name for an update tensor: the presets and stages with
-# unusual parameters, so the fuzzer reaches every payload parser and kernel.
-_PAYLOAD_CODECS: Final[tuple[dict[str, Any], ...]] = (
-    {"id": "raw"},
+# Codec configs a device may name for an update tensor: the presets (raw among them)
+# and stages with unusual parameters, so the fuzzer reaches every payload parser and kernel.
+_PAYLOAD_CODECS: Final[tuple[Mapping[str, Any], ...]] = (
+    *PRESETS.values(),
     {"id": "affine_u8"},
     {"id": "block_i8"},
     {"id": "block_i4", "block_size": 12},
@@ -714,8 +715,6 @@ _PAYLOAD_CODECS: Final[tuple[dict[str, Any], ...]] = (
     {"id": "topk", "fraction": 0.1},
     {"id": "zstd", "level": 1},
     {"id": "zlib"},
-    {"id": "pipeline", "stages": [{"id": "block_i8"}, {"id": "zstd", "level": 1}]},
-    {"id": "pipeline", "stages": [{"id": "block_i4"}, {"id": "zstd", "level": 1}]},
     {"id": "pipeline", "stages": [{"id": "topk", "fraction": 0.01}, {"id": "block_i8"}]},
     {"id": "pipeline", "stages": [{"id": "topk", "fraction": 0.2}, {"id": "affine_u8"}]},
     {"id": "pipeline", "stages": [{"id": "topk", "fraction": 0.3}, {"id": "block_i2"}]},
