@@ -54,6 +54,7 @@ Payload layouts (all little-endian; ``n`` is the vector length):
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import struct
@@ -225,10 +226,25 @@ class UpdateCodec(ABC):
     @classmethod
     def from_config(cls, config: Mapping[str, JSONValue]) -> Self:
         """Build the codec from a config's parameters (the ``"id"`` already removed)."""
-        try:
-            return cls(**dict(config))
-        except TypeError as exc:
-            raise InvalidConfigError(f"bad parameters for codec {cls.codec_id!r}: {exc}") from None
+        params = dict(config)
+        named = [
+            p
+            for p in inspect.signature(cls).parameters.values()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        ]
+        takes = ", ".join(p.name for p in named) or "no parameters"
+        unknown = sorted(set(params) - {p.name for p in named})
+        if unknown:
+            raise InvalidConfigError(
+                f"codec {cls.codec_id!r} has no parameter {', '.join(map(repr, unknown))}; "
+                f"it takes {takes}"
+            )
+        missing = [p.name for p in named if p.default is p.empty and p.name not in params]
+        if missing:
+            raise InvalidConfigError(
+                f"codec {cls.codec_id!r} needs {', '.join(map(repr, missing))}; it takes {takes}"
+            )
+        return cls(**params)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, UpdateCodec):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -313,6 +314,22 @@ def test_bad_config_is_a_typed_error(config: dict, error: type[Exception]) -> No
 def test_unknown_id_lists_registered_ids() -> None:
     with pytest.raises(UnknownCodecError, match="block_i8"):
         get_codec({"id": "blok_i8"})
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (
+            {"id": "block_i8", "bits": 3},
+            "no parameter 'bits'; it takes block_size, stochastic, seed",
+        ),
+        ({"id": "raw", "level": 1}, "no parameter 'level'; it takes no parameters"),
+        ({"id": "topk"}, "needs 'fraction'; it takes fraction, exact, trim, seed"),
+    ],
+)
+def test_bad_parameter_names_what_the_codec_takes(config: dict, message: str) -> None:
+    with pytest.raises(InvalidConfigError, match=re.escape(message)):
+        get_codec(config)
 
 
 def test_not_a_mapping_is_a_typed_error() -> None:
