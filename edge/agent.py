@@ -120,6 +120,10 @@ class AgentProtocolError(RuntimeError):
     """An event arrived that the agent's current state does not accept."""
 
 
+class ModelMismatchError(LayoutError):
+    """The published model's tensors do not match this device's model config."""
+
+
 class AgentState(StrEnum):
     """Where the agent is; the value is what ``Status.state`` reports."""
 
@@ -634,6 +638,8 @@ class AgentStats:
     statuses_sent: int = 0
     models_loaded: int = 0
     models_corrupt: int = 0
+    models_mismatched: int = 0
+    """Intact models whose tensors do not fit this device's model config (not refetched)."""
     bad_messages: int = 0
     """Messages rejected (the sum of :attr:`rejected`)."""
     declined: Counter[str] = field(default_factory=Counter)
@@ -673,6 +679,8 @@ class _PreparedUpdate:
     envelope: bytes
     residuals: dict[str, F32] | None
     c_local: dict[str, F32] | None
+    summary: str = ""
+    """What the training did, for the log line of the upload."""
 
 
 _MODEL_CACHE: OrderedDict[str, tuple[dict[str, F32], F32 | None]] = OrderedDict()
@@ -901,6 +909,18 @@ class AgentRunner:
         try:
             manifest.verify(envelope)
             weights, scaffold_c = self._decode_model(manifest, envelope)
+        except ModelMismatchError as exc:
+            # Intact (its SHA-256 matched) but made for another model: fetching it again
+            # cannot help, and on a metered link each fetch costs the whole model.
+            self.stats.models_mismatched += 1
+            self._manifest = None
+            log.error(
+                "agent %s: model version %d does not fit this device's model config: %s; make "
+                "[model] in the agent config match the coordinator's. Not fetching it again; "
+                "tasks are declined (model_unavailable) until a model that fits arrives",
+                self.options.cid, manifest.model_version, exc,
+            )  # fmt: skip
+            return
         except WireError as exc:  # ChecksumError, EnvelopeError, LayoutError, ...
             self.stats.models_corrupt += 1
             log.warning(
@@ -928,7 +948,10 @@ class AgentRunner:
                 _MODEL_CACHE.move_to_end(manifest.sha256)
                 return hit
         model = GlobalModel.from_bytes(envelope)
-        self.layout.check_specs(model.tensors, aux={SCAFFOLD_C: self.layout.size})
+        try:
+            self.layout.check_specs(model.tensors, aux={SCAFFOLD_C: self.layout.size})
+        except LayoutError as exc:
+            raise ModelMismatchError(str(exc)) from None
         unpacked = unpack_model(model)
         scaffold_c = unpacked.pop(SCAFFOLD_C, None)
         weights = {name: unpacked[name] for name in self.layout.names}
@@ -1156,7 +1179,12 @@ class AgentRunner:
                 for (name, shape), fb in zip(self.layout.entries, feedback.values(), strict=True)
             }
         return _PreparedUpdate(
-            task.task_id, update.to_bytes(self.options.hmac_key), residuals, result.new_c_local
+            task.task_id,
+            update.to_bytes(self.options.hmac_key),
+            residuals,
+            result.new_c_local,
+            f"{result.num_examples} examples, {result.num_steps} steps in "
+            f"{result.duration_s:.1f} s",
         )
 
     def _load_residuals(self) -> dict[str, F32]:
@@ -1190,6 +1218,12 @@ class AgentRunner:
             self.store.save_scaffold_control(self.layout, prepared.c_local)
         self._prepared = None
         self.stats.updates_sent += 1
+        # One line per task at INFO: an operator reading the journal sees the device work.
+        log.info(
+            "agent %s: round %d task %s done: %s, %d bytes uploaded",
+            self.options.cid, task.round_no, task.task_id, prepared.summary,
+            len(prepared.envelope),
+        )  # fmt: skip
         return UploadDone(task.task_id)
 
 

@@ -439,6 +439,33 @@ def test_runner_refetches_a_corrupt_model_and_never_trains_on_it(
     assert update.model_version == 1 and runner.stats.trainings == 1
 
 
+def test_runner_does_not_refetch_a_model_made_for_another_config(
+    tmp_path: Path, weights: dict
+) -> None:
+    # Regression: an intact model of another shape (the coordinator's [model] differs from
+    # the device's) was taken for corrupt and downloaded again and again.
+    broker = InMemoryBroker()
+    coord = Coordinator(broker)
+    other = init_weights(
+        ModelSpec("mlp", input_dim=8, num_classes=3, hidden=(5,)), np.random.default_rng(1)
+    )
+    coord.publish_model(other, 1)
+    clock = [NOW]
+    runner, thread = start_runner(broker, tmp_path, clock=lambda: clock[0])
+    try:
+        wait_for(lambda: runner.stats.models_mismatched == 1)
+        clock[0] = NOW + 3600  # long past any refetch backoff
+        coord.send(task(deadline=NOW + 7200))
+        wait_for(lambda: runner.stats.tasks_received == 1)
+        assert runner.stats.models_mismatched == 1 and runner.stats.models_corrupt == 0
+        assert runner.stats.trainings == 0
+        coord.publish_model(weights, 2)  # a model that fits is taken as usual
+        wait_for(lambda: runner.stats.models_loaded == 1)
+    finally:
+        stop_runner(runner, thread)
+    assert runner.model is not None and runner.model.manifest.model_version == 2
+
+
 def test_runner_declines_an_unknown_codec(tmp_path: Path, weights: dict) -> None:
     broker = InMemoryBroker()
     coord = Coordinator(broker)
