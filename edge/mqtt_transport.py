@@ -246,6 +246,11 @@ class MqttTransport:
         self._attempt = 0
         self.reconnects = 0
         """Successful reconnects after the first connect."""
+        self.sessions_lost = 0
+        """Reconnects on which the broker held no session for this client. With a
+        persistent session that means the broker lost its state (restarted without its
+        persistence file, or the session expired): its retained messages may be gone too,
+        so a publisher of retained state (the coordinator's model) publishes it again."""
 
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -597,6 +602,8 @@ class MqttTransport:
         self._connected.set()
         if reconnect:
             self.reconnects += 1
+            if not flags.session_present:
+                self.sessions_lost += 1
             log.info(
                 "reconnected to %s (session present: %s)", self.settings.url, flags.session_present
             )

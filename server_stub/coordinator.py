@@ -209,6 +209,8 @@ class Coordinator:
 
         self.model, self.model_version, round_no = self._resume(initial_weights)
         self._envelope = self._pack(self.model, self.model_version, round_no - 1)
+        self.last_round_done = round_no - 1
+        """The highest round number finished, by this process or (from the store) an earlier one."""
         seed = config.seed
         self.machine = RoundMachine(
             config.rounds,
@@ -221,6 +223,8 @@ class Coordinator:
         )
         self._acks_unsaved = False
         """An acknowledgement arrived that the stored snapshot does not hold yet."""
+        self._sessions_lost = self._broker_sessions_lost()
+        """The transport's count of reconnects without a session, as last seen."""
         self._restore_cmds: list[Command] = []
         snap = store.open_round()
         if snap is not None and config.rounds.mode == "sync":
@@ -279,8 +283,17 @@ class Coordinator:
     # -- main loop ---------------------------------------------------------------------------
 
     def run(self, stop: threading.Event, max_rounds: int | None = None) -> None:
-        """Serve until ``stop`` is set or ``max_rounds`` rounds finished; then :meth:`close`."""
-        limit = max_rounds if max_rounds is not None else self.config.rounds_total
+        """Serve until ``stop`` is set, or ``max_rounds`` rounds finished in this run, or
+        (without ``max_rounds``) round ``rounds_total`` finished, counting the rounds of
+        earlier runs on the same store; then :meth:`close`."""
+        total = self.config.rounds_total if max_rounds is None else None
+        if total is not None and self.last_round_done >= total:
+            logger.info(
+                "rounds_total = %d is reached already (the store holds round %d); raise it "
+                "to train further",
+                total,
+                self.last_round_done,
+            )
         try:
             self.start()
             begin = self.clock()
@@ -289,7 +302,9 @@ class Coordinator:
                 self._execute([cmd], begin)
             self._restore_cmds = []
             while not stop.is_set():
-                if limit is not None and self.rounds_finished >= limit:
+                if max_rounds is not None and self.rounds_finished >= max_rounds:
+                    break
+                if total is not None and self.last_round_done >= total:
                     break
                 now = self.clock()
                 try:
@@ -304,10 +319,29 @@ class Coordinator:
                     if now - begin >= self.config.startup_grace_s:
                         self.tick(now)
         finally:
-            self.close()
+            try:
+                if self._acks_unsaved and self.machine.state is RoundState.COLLECTING:
+                    # Stopping: keep the acknowledgements seen since the last tick, so after
+                    # a restart their devices' lost tasks are asked again at once.
+                    self._save_open_round()
+            finally:
+                self.close()
 
     def tick(self, now: float) -> None:
         """Deadlines, replacements and the start of the next round."""
+        lost = self._broker_sessions_lost()
+        if lost != self._sessions_lost:
+            self._sessions_lost = lost
+            # The broker forgot this client: it may have lost its retained messages as well
+            # (restarted without its persistence file). Devices that start afresh would find
+            # no model and decline every task, so the current version goes out again; devices
+            # that hold it ignore the repeated manifest.
+            logger.warning(
+                "the broker had no session for the coordinator on reconnect; publishing "
+                "model version %d again in case its retained messages are gone",
+                self.model_version,
+            )
+            self._publish_model(self._envelope, self.model_version)
         eligible = self.registry.eligible(now)
         self.metrics.fleet(online=len(self.registry.online(now)), eligible=len(eligible))
         if self.scaffold:
@@ -319,6 +353,10 @@ class Coordinator:
                 self._save_open_round()
             else:  # the round closed meanwhile (its checkpoint cleared the open round)
                 self._acks_unsaved = False
+
+    def _broker_sessions_lost(self) -> int:
+        # MqttTransport counts them; transports that cannot lose a session have no counter.
+        return int(getattr(self.transport, "sessions_lost", 0))
 
     def handle_message(self, msg: Message, now: float) -> None:
         """Handle one received message (status or update chunk)."""
@@ -641,6 +679,7 @@ class Coordinator:
 
     def _emit(self, record: dict[str, Any]) -> None:
         self.rounds_finished += 1
+        self.last_round_done = max(self.last_round_done, int(record["round"]))
         self.last_record = record
         self.metrics.round_done(record)
         if self.on_round is not None:

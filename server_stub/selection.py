@@ -121,7 +121,9 @@ def select_cohort(
     if need < 1:
         raise SelectionError(f"min_devices/target_k must be >= 1, got {need}")
     if len(candidates) < need:
-        logger.info(
+        # DEBUG: asked on every tick while too few devices are eligible; the coordinator
+        # logs the wait once per round at INFO.
+        logger.debug(
             "round %d: %d eligible device(s), %d needed; waiting for the next tick",
             round_no,
             len(candidates),

@@ -192,7 +192,7 @@ def test_select_cohort_waits_when_too_few_eligible(
     rng: np.random.Generator, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Execute
-    with caplog.at_level(logging.INFO, logger="server_stub.selection"):
+    with caplog.at_level(logging.DEBUG, logger="server_stub.selection"):
         cohort = select_cohort(RandomSelector(), fleet(4, rng), 10, rng, round_no=7)
     # Assert
     assert cohort is None
