@@ -139,7 +139,13 @@ def run(config: AgentConfig, stop: threading.Event | None = None) -> int:
         trainer_name=config.model.trainer,
         stop_check_interval_s=0.5,
     )
-    store = AgentStore(config.agent.state_dir)
+    try:
+        store = AgentStore(config.agent.state_dir)
+    except OSError as exc:  # no permission, a file in the way, read-only file system
+        raise ConfigError(
+            f"agent.state_dir: cannot create {config.agent.state_dir} ({exc.strerror or exc}); "
+            "point state_dir (--state-dir) at a writable folder"
+        ) from None
     telemetry = HostTelemetry(metered=config.metered, overrides=config.telemetry)
     while not stop.is_set():
         try:

@@ -59,19 +59,36 @@ def _coordinator_evaluate(config: Any) -> Any:
     composition root: server_stub never imports edge.training)."""
     if config.eval_data is None:
         return None
-    from edge.data import load_local_data
-    from edge.training import ModelSpec, NumpyTrainer
+    from edge.data import DataError, DataFileNotFoundError, load_local_data
+    from edge.training import ModelSpec, NumpyTrainer, TrainingError
+    from server_stub.config import ConfigError
 
     layout, _weights = config.layout_and_weights()
     shapes = dict(layout.entries)
-    widths = [shapes[f"w{i}"][1] for i in range(len(shapes) // 2)]
-    spec = ModelSpec(
-        "mlp" if len(widths) > 1 else "logreg",
-        input_dim=shapes["w0"][0],
-        num_classes=widths[-1],
-        hidden=tuple(widths[:-1]),
-    )
-    data = load_local_data(config.eval_data, num_classes=spec.num_classes, input_dim=spec.input_dim)
+    try:
+        widths = [shapes[f"w{i}"][1] for i in range(len(shapes) // 2)]
+        spec = ModelSpec(
+            "mlp" if len(widths) > 1 else "logreg",
+            input_dim=shapes["w0"][0],
+            num_classes=widths[-1],
+            hidden=tuple(widths[:-1]),
+        )
+    except (KeyError, IndexError, TrainingError):
+        raise ConfigError(
+            f"[evaluation] data: the model's tensors {list(shapes)} are not an mlp of w0, b0, "
+            "w1, b1, ...; evaluation needs one (or remove [evaluation] data)"
+        ) from None
+    try:
+        data = load_local_data(
+            config.eval_data, num_classes=spec.num_classes, input_dim=spec.input_dim
+        )
+    except DataFileNotFoundError:  # its message points at the agent's config, not ours
+        raise ConfigError(
+            f"[evaluation] data: {config.eval_data} does not exist; create the held-out .npz "
+            "(x, y) there (docs/DATA.md) or fix the path"
+        ) from None
+    except DataError as exc:
+        raise ConfigError(f"[evaluation] data: {exc}") from None
 
     def evaluate(weights: dict[str, Any]) -> dict[str, float]:
         trainer = NumpyTrainer(spec)

@@ -4,7 +4,8 @@
 commented) and raises :class:`ConfigError` naming the file, the key and the fix for anything
 wrong; the objects it returns are valid by construction. Command-line flags override the
 file through :func:`apply_overrides` (the same validation runs again). Nothing here connects,
-reads data or imports paho: ``edge.agent_main`` turns the config into running objects.
+reads data or imports paho (it only looks whether ``state_dir`` is a folder):
+``edge.agent_main`` turns the config into running objects.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, Literal, cast
 
 from edge.eligibility import Limits
 from edge.telemetry import TelemetryOverrides
+from edge.transport import check_broker_url
 from edge.wire import BadTopicError, NetKind, validate_id
 
 __all__ = [
@@ -65,8 +67,10 @@ class BrokerSettings:
     """MQTT keepalive; the broker publishes the Last Will after 1.5 × this without traffic."""
 
     def __post_init__(self) -> None:
-        if not self.url.startswith(("mqtt://", "mqtts://")):
-            raise _fail("broker.url", f"must start with mqtt:// or mqtts://, got {self.url!r}")
+        try:
+            check_broker_url(self.url)
+        except ValueError as exc:
+            raise _fail("broker.url", str(exc)) from None
         if "@" in self.url.split("//", 1)[1].split("/", 1)[0]:
             raise _fail("broker.url", "must not carry credentials; use username and password_file")
         if (self.cert_file is None) != (self.key_file is None):
@@ -153,6 +157,14 @@ class AgentSettings:
             )
         if self.max_model_bytes < 1024:
             raise _fail("agent.max_model_bytes", f"must be >= 1024, got {self.max_model_bytes}")
+        # Checked here, not when the agent first writes a model: a file in the way would only
+        # show up as a traceback after connecting.
+        if self.state_dir.exists() and not self.state_dir.is_dir():
+            raise _fail(
+                "agent.state_dir",
+                f"{self.state_dir} exists and is not a folder; move it away or point "
+                "state_dir (--state-dir) at a folder",
+            )
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ import hashlib
 import itertools
 import queue
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
@@ -76,6 +77,70 @@ class SubscribeError(TransportError):
 
 class TransportClosed(TransportError):
     """The transport was closed; it cannot be used any more."""
+
+
+# --------------------------------------------------------------------------- broker URLs
+
+BROKER_URL_QUERY_KEYS = frozenset(
+    {"client_id", "protocol", "keepalive", "ca", "cert", "key", "insecure", "clean_start"}
+    | {"session_expiry"}
+)
+"""Query keys ``edge.mqtt_transport.MqttSettings.from_url`` understands."""
+
+
+def check_broker_url(url: object) -> str:
+    """Return ``url`` if it is an ``mqtt://`` or ``mqtts://`` broker URL, else raise ValueError.
+
+    The checks are those that would otherwise fail only when connecting: the scheme, a port
+    that is an integer in 1..65535, and the query keys. The message says how to write it.
+    Nothing is resolved or connected.
+
+    Examples
+    --------
+    >>> check_broker_url("mqtts://broker.lan:8883")
+    'mqtts://broker.lan:8883'
+    >>> check_broker_url("mqtt://127.0.0.1:abc")
+    Traceback (most recent call last):
+    ...
+    ValueError: port 'abc' of 'mqtt://127.0.0.1:abc' is not an integer; write mqtt://host:1883
+    """
+    if not isinstance(url, str):
+        raise ValueError(f"must be a string such as 'mqtt://127.0.0.1:1883', got {url!r}")
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as exc:  # e.g. an unclosed "[" of an IPv6 address
+        raise ValueError(f"{url!r} is not a URL ({exc}); write mqtt://host:1883") from None
+    if parts.scheme not in ("mqtt", "mqtts") or not url.startswith(f"{parts.scheme}://"):
+        raise ValueError(
+            f"must start with mqtt:// or mqtts:// (TLS), got {url!r}; "
+            "write mqtt://host:1883 or mqtts://host:8883"
+        )
+    host_port = parts.netloc.rpartition("@")[2]
+    port_text = host_port.rpartition("]")[2] if host_port.startswith("[") else host_port
+    _, colon, port_text = port_text.partition(":")
+    if colon:
+        if not port_text.isascii() or not port_text.isdigit():
+            raise ValueError(
+                f"port {port_text!r} of {url!r} is not an integer; write {parts.scheme}://host:"
+                f"{8883 if parts.scheme == 'mqtts' else 1883}"
+            )
+        if not 0 < int(port_text) < 65536:
+            raise ValueError(f"port {port_text} of {url!r} is not in 1..65535")
+    try:
+        query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
+    except ValueError as exc:
+        raise ValueError(f"has a malformed query in {url!r}: {exc}") from None
+    unknown = sorted(set(query) - BROKER_URL_QUERY_KEYS)
+    if unknown:
+        raise ValueError(
+            f"unknown URL query key(s) {unknown}; known: {sorted(BROKER_URL_QUERY_KEYS)}"
+        )
+    for key in ("keepalive", "session_expiry"):
+        if any(not v.isascii() or not v.isdigit() for v in query.get(key, ())):
+            raise ValueError(f"URL query {key}= must be a whole number of seconds in {url!r}")
+    if any(v not in ("5", "3.1.1") for v in query.get("protocol", ())):
+        raise ValueError(f"URL query protocol= must be 5 or 3.1.1 in {url!r}")
+    return url
 
 
 # --------------------------------------------------------------------------- protocol

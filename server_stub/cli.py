@@ -4,23 +4,96 @@
 root) passes an ``evaluate`` built from ``edge.training`` when the config names held-out data.
 Only this module (with ``__main__``) reads the clock for the service, installs signal
 handlers and configures logging.
+
+Start-up checks everything that can be checked before it touches the network, in this order:
+the config (:func:`server_stub.config.load_config`: types, ranges, files), the initial
+weights and the evaluation data, the metrics port, the state database (a file that is not a
+fedge database, or whose checkpoint was made with another model, is refused and left as it
+was), and only then the broker. Each failure is one line on stderr: exit status 2 for a
+configuration or state problem the operator must fix, 1 when the broker cannot be reached
+(no retry: a supervisor such as systemd restarts the service).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+import urllib.parse
+from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
 
+from edge.modelio import AUX_PREFIX, F32, LayoutError, ModelLayout, unpack_model
+from edge.transport import TransportError
+from edge.wire import GlobalModel, WireError
 from server_stub.config import ConfigError, CoordinatorConfig, load_config
 from server_stub.coordinator import Coordinator, Evaluate, mqtt_transport_for
-from server_stub.store import Store
+from server_stub.metrics import CoordinatorMetrics
+from server_stub.store import NotAStateDatabaseError, Store, StoreError
+from server_stub.strategies import StrategyError
 
 logger = logging.getLogger("server_stub")
+
+DESCRIPTION = """\
+Run the federated-learning coordinator of one fleet: it selects devices, sends them training
+tasks over MQTT, aggregates their updates and publishes each new model. The TOML file holds
+every setting (example: deploy/coordinator.toml; reference: docs/COORDINATOR.md).
+Exit status: 0 done, 1 the broker cannot be reached, 2 bad configuration or state db."""
+
+
+class StartupError(Exception):
+    """The coordinator cannot start; the message is one line for the operator.
+
+    ``exit_code`` is 2 for something to fix in the config or the state db, 1 for the broker.
+    """
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _redact(url: str) -> str:
+    """The broker URL without a password (for messages and logs)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{parts.username}:***@{host}").geturl()
+
+
+def check_checkpoint(store: Store, layout: ModelLayout) -> None:
+    """Raise :class:`StartupError` unless the store's checkpoint (if any) has ``layout``.
+
+    The coordinator resumes from the checkpoint; one made with another ``[model]`` cannot be
+    resumed and must not be overwritten either.
+    """
+    stored = store.latest_model()
+    if stored is None:
+        return
+    try:
+        weights = unpack_model(GlobalModel.from_bytes(stored.envelope))
+    except WireError as exc:  # LayoutError included
+        raise StartupError(
+            f"the checkpoint (model version {stored.version}) in state db {store.path} cannot "
+            f"be decoded ({exc}); move the file away or point [state] db elsewhere"
+        ) from None
+    model = {name: w for name, w in weights.items() if not name.startswith(AUX_PREFIX)}
+    try:
+        layout.check_weights(model)
+    except LayoutError:
+        had = ModelLayout.of(model)
+        raise StartupError(
+            f"the checkpoint in {store.path} was made with a different model (it has "
+            f"{_shapes(had)}; [model] gives {_shapes(layout)}); restore [model] or use a new "
+            "[state] db"
+        ) from None
+
+
+def _shapes(layout: ModelLayout) -> str:
+    return ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in layout.entries)
 
 
 def run_coordinator(
@@ -29,31 +102,118 @@ def run_coordinator(
     evaluate: Evaluate | None = None,
     max_rounds: int | None = None,
 ) -> int:
-    """Connect, run until the configured rounds are done or SIGINT/SIGTERM; return 0."""
+    """Connect, run until the configured rounds are done or SIGINT/SIGTERM; return 0.
+
+    Raises
+    ------
+    ConfigError
+        The ``[model] weights`` file is unreadable.
+    StartupError
+        Before anything is written: the metrics port, state db or its checkpoint is unusable
+        (``exit_code`` 2), or the broker cannot be reached (1).
+    """
     layout, weights = config.layout_and_weights()
-    stop = threading.Event()
+    try:
+        metrics = CoordinatorMetrics(port=config.metrics_port)
+    except OSError as exc:
+        raise StartupError(
+            f"[metrics] port {config.metrics_port}: cannot serve metrics on 127.0.0.1 "
+            f"({exc.strerror or exc}); choose a free port or stop what listens there"
+        ) from None
+    try:
+        _run(config, layout, weights, metrics, evaluate=evaluate, max_rounds=max_rounds)
+    finally:
+        metrics.close()  # idempotent: the coordinator closes it too
+    return 0
+
+
+def _run(
+    config: CoordinatorConfig,
+    layout: ModelLayout,
+    weights: dict[str, F32],
+    metrics: CoordinatorMetrics,
+    *,
+    evaluate: Evaluate | None,
+    max_rounds: int | None,
+) -> None:
+    try:
+        store = Store(config.state_db)
+    except NotAStateDatabaseError as exc:
+        raise StartupError(f"{exc}; move it away or point [state] db elsewhere") from None
+    except StoreError as exc:
+        raise StartupError(f"{exc}; fix its permissions or point [state] db elsewhere") from None
+    with store:
+        check_checkpoint(store, layout)
+        url = _redact(config.broker.url)
+        try:
+            transport = mqtt_transport_for(config)
+        except TransportError as exc:
+            raise StartupError(
+                f"cannot connect to the broker at {url} ([broker] url): {exc}", exit_code=1
+            ) from None
+        except OSError as exc:  # the password file became unreadable since the config check
+            raise StartupError(f"[broker] password_file: cannot read it ({exc})") from None
+        logger.info("connected to %s", url)
+        try:
+            coordinator = Coordinator(
+                config, transport, store, layout=layout, initial_weights=weights,
+                evaluate=evaluate, metrics=metrics,
+            )  # fmt: skip
+        except (LayoutError, StrategyError) as exc:
+            transport.close()
+            raise StartupError(
+                f"the checkpoint in {store.path} does not fit this configuration ({exc}); "
+                "restore [model] and [strategy] or use a new [state] db"
+            ) from None
+        stop = threading.Event()
+        with _stop_on_signals(stop):
+            coordinator.run(stop, max_rounds=max_rounds)
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """Set ``stop`` on SIGINT/SIGTERM (main thread only); the old handlers come back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         logger.info("signal %d: stopping after the current message", signum)
         stop.set()
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGTERM, on_signal)
-    transport = mqtt_transport_for(config)
-    with Store(config.state_db) as store:
-        coordinator = Coordinator(
-            config, transport, store, layout=layout, initial_weights=weights, evaluate=evaluate
-        )
-        coordinator.run(stop, max_rounds=max_rounds)
-    return 0
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedge coordinator", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="fedge coordinator",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", required=True, help="coordinator TOML file")
-    parser.add_argument("--rounds", type=int, default=None, help="override the round count")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+    parser.add_argument(
+        "--rounds", type=_positive_int, default=None, metavar="N",
+        help="run N rounds in this run, then exit (instead of rounds_total)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--log-level", default="INFO", type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], help="default INFO",
+    )  # fmt: skip
     return parser
 
 
@@ -61,10 +221,13 @@ def main(
     argv: Sequence[str] | None = None,
     evaluate_factory: Callable[[CoordinatorConfig], Evaluate | None] | None = None,
 ) -> int:
-    """``fedge coordinator --config FILE``."""
+    """``fedge coordinator --config FILE``; returns the exit status (see :data:`DESCRIPTION`).
+
+    ``evaluate_factory`` may raise :class:`ConfigError` (e.g. unreadable ``[evaluation] data``).
+    """
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=args.log_level.upper(),
+        level=args.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
@@ -73,11 +236,18 @@ def main(
         print(f"fedge coordinator: {exc}", file=sys.stderr)
         return 2
     evaluate = None
-    if evaluate_factory is not None:
-        evaluate = evaluate_factory(config)
-    elif config.eval_data is not None:
-        logger.warning(
-            "[evaluation] data is set but this entry point has no trainer; use `fedge "
-            "coordinator` to evaluate models"
-        )
-    return run_coordinator(config, evaluate=evaluate, max_rounds=args.rounds)
+    try:
+        if evaluate_factory is not None:
+            evaluate = evaluate_factory(config)
+        elif config.eval_data is not None:
+            logger.warning(
+                "[evaluation] data is set but this entry point has no trainer; use `fedge "
+                "coordinator` to evaluate models"
+            )
+        return run_coordinator(config, evaluate=evaluate, max_rounds=args.rounds)
+    except ConfigError as exc:
+        print(f"fedge coordinator: {args.config}: {exc}", file=sys.stderr)
+        return 2
+    except StartupError as exc:
+        print(f"fedge coordinator: {exc}", file=sys.stderr)
+        return exc.exit_code

@@ -70,7 +70,7 @@ class CoordinatorMetrics:
         self.http_port: int | None = None
         if port is not None:
             server, _thread = prom.start_http_server(port, addr=addr, registry=reg)
-            self._server = server
+            self._server: Any = server
             self.http_port = int(server.server_port)
 
     def reject(self, reason: str) -> None:
@@ -106,8 +106,10 @@ class CoordinatorMetrics:
             self.accuracy.set(acc)
 
     def close(self) -> None:
+        """Stop the HTTP server, if any (idempotent)."""
         server = getattr(self, "_server", None)
         if server is not None:
+            self._server = None
             server.shutdown()
             server.server_close()
 

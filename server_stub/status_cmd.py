@@ -8,12 +8,13 @@ Offline devices (Last Will) keep the telemetry of their last online status when 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Sequence
 
-from edge.transport import Transport
-from edge.wire import Status, TopicKind, Topics, WireError
+from edge.transport import Transport, TransportError, check_broker_url
+from edge.wire import BadTopicError, Status, TopicKind, Topics, WireError, validate_id
 
 
 def collect(transport: Transport, fleet: str, wait_s: float) -> dict[str, Status]:
@@ -88,14 +89,52 @@ def render(table: list[list[str]]) -> None:
     Console().print(t)
 
 
+MAX_WAIT_S = 3600.0
+
+
+def _broker_url(text: str) -> str:
+    try:
+        return check_broker_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _fleet(text: str) -> str:
+    try:
+        return validate_id(text, "fleet")
+    except BadTopicError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (the fleet name of the config)") from None
+
+
+def _wait_s(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not (math.isfinite(value) and 0 < value <= MAX_WAIT_S):
+        raise argparse.ArgumentTypeError(f"must be in (0, {MAX_WAIT_S:g}] seconds, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedge status",
+        description="Print the devices of a fleet from their retained status messages.",
+    )
+    parser.add_argument(
+        "--broker", type=_broker_url, default="mqtt://127.0.0.1:1883", help="mqtt[s]:// URL"
+    )
+    parser.add_argument("--fleet", type=_fleet, default="default", help="fleet name")
+    parser.add_argument(
+        "--wait", type=_wait_s, default=1.0, help="seconds to collect statuses (default 1)"
+    )
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedge status", description=__doc__)
-    parser.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="mqtt[s]:// URL")
-    parser.add_argument("--fleet", default="default")
-    parser.add_argument("--wait", type=float, default=1.0, help="seconds to collect statuses")
-    args = parser.parse_args(argv)
+    """``fedge status``: 0 printed, 1 the broker cannot be reached, 2 bad arguments."""
+    args = build_parser().parse_args(argv)
     from edge.mqtt_transport import connect_url
-    from edge.transport import TransportError
 
     try:
         transport = connect_url(args.broker, client_id="")
@@ -110,4 +149,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["collect", "main", "rows"]
+__all__ = ["build_parser", "collect", "main", "rows"]

@@ -66,6 +66,16 @@ class StoreError(RuntimeError):
     """The state database is unusable or inconsistent with the request."""
 
 
+class NotAStateDatabaseError(StoreError):
+    """The file at the store's path is not a fedge state database (garbage, truncated, a
+    folder, another program's database). Nothing was written to it."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"state db {path} is not a fedge state database ({reason})")
+        self.path = path
+        self.reason = reason
+
+
 @dataclass(frozen=True, slots=True)
 class StoredModel:
     """One checkpointed model version."""
@@ -80,15 +90,59 @@ class Store:
     """The coordinator's SQLite state. One writer (the coordinator loop); not thread-safe."""
 
     def __init__(self, path: str | Path, *, keep_models: int = 5) -> None:
+        """Open (or create) the database at ``path``.
+
+        Raises
+        ------
+        NotAStateDatabaseError
+            The file is not an SQLite database, is damaged, is a folder, or holds another
+            program's tables. It is checked before anything is written, so it is left as it was.
+        StoreError
+            The database cannot be opened or written (permissions, locked, disk full).
+        """
         self.path = str(path)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self.keep_models = keep_models
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: a checkpoint that returned is on disk even after a power cut.
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        if self.path != ":memory:":
+            if Path(self.path).is_dir():
+                raise NotAStateDatabaseError(self.path, "it is a folder")
+            try:
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"state db {self.path} cannot be created ({exc})") from None
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StoreError(f"state db {self.path} cannot be opened ({exc})") from None
+        try:
+            self._check_existing()
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a checkpoint that returned is on disk even after a power cut.
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except StoreError:
+            self._db.close()
+            raise
+        except sqlite3.OperationalError as exc:  # locked, read-only, I/O: the file may be fine
+            self._db.close()
+            raise StoreError(f"state db {self.path} cannot be opened ({exc})") from None
+        except sqlite3.DatabaseError as exc:  # "file is not a database", "malformed"
+            self._db.close()
+            raise NotAStateDatabaseError(self.path, str(exc)) from None
+
+    def _check_existing(self) -> None:
+        """Refuse a database that is not ours or is damaged, before writing anything to it."""
+        tables = {
+            str(row[0])
+            for row in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
+        if not tables:
+            return  # new (or empty) file: the schema is created next
+        if "models" not in tables:
+            shown = ", ".join(sorted(tables)[:5])
+            raise NotAStateDatabaseError(self.path, f"an SQLite database with tables {shown}")
+        problems = [str(row[0]) for row in self._db.execute("PRAGMA quick_check(3)")]
+        if problems != ["ok"]:
+            raise NotAStateDatabaseError(self.path, f"damaged: {'; '.join(problems)}")
 
     def close(self) -> None:
         self._db.close()
@@ -245,4 +299,4 @@ def _json_default(obj: object) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
-__all__ = ["Store", "StoreError", "StoredModel"]
+__all__ = ["NotAStateDatabaseError", "Store", "StoreError", "StoredModel"]

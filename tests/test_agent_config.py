@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.agent_main import add_arguments, resolve_config
+from edge.agent_main import add_arguments, cli, resolve_config
 from edge.config import ConfigError, load_agent_config, read_hmac_key
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "deploy" / "agent.toml"
@@ -46,6 +46,10 @@ def test_minimal_config_and_relative_paths(tmp_path: Path) -> None:
             "must be a number",
         ),
         ('fleet = "f"\ndevice_id = "pi"\n[broker]\nurl = "http://x"\n', "mqtt:// or mqtts://"),
+        (
+            'fleet = "f"\ndevice_id = "pi"\n[broker]\nurl = "mqtt://127.0.0.1:abc"\n',
+            "broker.url: port 'abc' of 'mqtt://127.0.0.1:abc' is not an integer",
+        ),
         (
             'fleet = "f"\ndevice_id = "pi"\n[broker]\nurl = "mqtt://u:p@x"\n',
             "must not carry credentials",
@@ -97,3 +101,55 @@ def test_hmac_key_file(tmp_path: Path) -> None:
     (tmp_path / "bad").write_text("not hex")
     with pytest.raises(ConfigError, match="hex"):
         read_hmac_key(tmp_path / "bad")
+
+
+def test_state_dir_that_is_a_file_is_a_config_error(tmp_path: Path) -> None:
+    # Prepare
+    (tmp_path / "state").write_text("not a folder")
+    p = write(tmp_path, 'fleet = "f"\ndevice_id = "pi"\n[agent]\nstate_dir = "state"\n')
+    # Execute / Assert
+    with pytest.raises(ConfigError, match=r"agent\.state_dir: .*state exists and is not a folder"):
+        load_agent_config(p)
+
+
+@pytest.mark.parametrize(
+    ("text", "flags", "message"),
+    [
+        ('[broker]\nurl = "mqtt://127.0.0.1:abc"\n', [], "broker.url: port 'abc'"),
+        ('[agent]\nstate_dir = "state"\n', [], "agent.state_dir: "),
+        ("", ["--state-dir", "{tmp}/state"], "agent.state_dir: "),
+        ("", ["--broker", "mqtt://127.0.0.1:abc"], "broker.url: port 'abc'"),
+    ],
+    ids=["url", "state_dir", "state-dir-flag", "broker-flag"],
+)
+def test_fedge_agent_exits_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, flags: list[str], message: str
+) -> None:
+    # Prepare: a regular file where the state folder should be
+    (tmp_path / "state").write_text("not a folder")
+    p = write(tmp_path, 'fleet = "f"\ndevice_id = "pi"\n' + text)
+    # Execute
+    code = cli(["--config", str(p), *(f.format(tmp=tmp_path) for f in flags)])
+    err = capsys.readouterr().err
+    # Assert
+    assert code == 2
+    assert err.startswith("fedge agent: ") and err.count("\n") == 1, err
+    assert message in err
+
+
+def test_state_dir_that_cannot_be_created_exits_2_before_connecting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: the state folder would be inside a regular file; the broker port is closed
+    (tmp_path / "state").write_text("not a folder")
+    p = write(
+        tmp_path,
+        'fleet = "f"\ndevice_id = "pi"\n[broker]\nurl = "mqtt://127.0.0.1:1"\n'
+        '[agent]\nstate_dir = "state/sub"\n',
+    )
+    # Execute
+    code = cli(["--config", str(p)])
+    err = capsys.readouterr().err
+    # Assert
+    assert code == 2
+    assert err.startswith(f"fedge agent: agent.state_dir: cannot create {tmp_path}/state/sub")

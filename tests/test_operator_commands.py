@@ -13,6 +13,7 @@ from edge.mosquitto import MosquittoBroker, free_port
 from edge.mqtt_transport import MqttSettings, MqttTransport
 from edge.telemetry import TelemetrySnapshot, build_status
 from edge.wire import Caps, NetKind, Status, Topics
+from server_stub import status_cmd
 from server_stub.config import ConfigError, load_config
 from server_stub.metrics import CoordinatorMetrics
 
@@ -83,3 +84,27 @@ def test_prometheus_endpoint_serves_the_counters() -> None:
     # Assert
     assert 'reason="bad_signature"' in body
     assert "fedge_bytes_in_total 1234.0" in body
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--fleet", "q/a"], "argument --fleet: fleet 'q/a' contains forbidden characters"),
+        (["--fleet", "+"], "argument --fleet: fleet '+' contains forbidden characters"),
+        (["--fleet", ""], "argument --fleet: fleet is empty"),
+        (["--wait", "-1"], "argument --wait: must be in (0, 3600] seconds"),
+        (["--wait", "nan"], "argument --wait: must be in (0, 3600] seconds"),
+        (["--wait", "soon"], "argument --wait: must be a number of seconds"),
+        (["--broker", "tcp://127.0.0.1:1883"], "argument --broker: must start with mqtt://"),
+        (["--broker", "mqtt://127.0.0.1:abc"], "argument --broker: port 'abc'"),
+    ],
+)
+def test_fedge_status_refuses_bad_arguments(
+    capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    # Execute: argparse refuses them before anything connects
+    with pytest.raises(SystemExit) as info:
+        status_cmd.main(flags)
+    # Assert
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from server_stub.store import Store, StoreError
+from server_stub.store import NotAStateDatabaseError, Store, StoreError
 
 
 def checkpoint(store: Store, version: int, accepted: list[tuple[str, str]]) -> None:
@@ -81,3 +83,55 @@ def test_meta_roundtrip(tmp_path: Path) -> None:
         assert store.get_meta("published") is None
         store.set_meta("published", "3:2")
         assert store.get_meta("published") == "3:2"
+
+
+def _foreign_db(path: Path) -> None:
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE invoices (id INTEGER)")
+    conn.commit()
+    conn.close()
+
+
+def _truncated_db(path: Path) -> None:
+    with Store(path) as store:
+        for v in range(1, 4):
+            store.checkpoint(
+                version=v, round_no=v, envelope=bytes(100_000), state={}, record=None,
+                accepted=(),
+            )  # fmt: skip
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda p: p.write_bytes(b"\x00garbage" * 100), "file is not a database"),
+        (lambda p: p.write_text("hello"), "file is not a database"),
+        (lambda p: p.mkdir(), "it is a folder"),
+        (_foreign_db, "an SQLite database with tables invoices"),
+        (_truncated_db, "malformed"),
+    ],
+    ids=["garbage", "text", "folder", "foreign", "truncated"],
+)
+def test_not_a_state_database_is_refused_and_left_alone(
+    tmp_path: Path, make: Callable[[Path], None], reason: str
+) -> None:
+    # Prepare
+    db = tmp_path / "s.db"
+    make(db)
+    before = sorted((p.name, p.read_bytes() if p.is_file() else b"") for p in tmp_path.iterdir())
+    # Execute
+    with pytest.raises(NotAStateDatabaseError, match=reason) as info:
+        Store(db)
+    # Assert: typed, names the path, nothing written (no WAL or schema either)
+    assert isinstance(info.value, StoreError) and info.value.path == str(db)
+    assert str(info.value).startswith(f"state db {db} is not a fedge state database (")
+    after = sorted((p.name, p.read_bytes() if p.is_file() else b"") for p in tmp_path.iterdir())
+    assert after == before
+
+
+def test_empty_file_becomes_a_new_store(tmp_path: Path) -> None:
+    (tmp_path / "s.db").write_bytes(b"")
+    with Store(tmp_path / "s.db") as store:
+        assert store.latest_model() is None
