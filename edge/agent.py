@@ -1301,14 +1301,16 @@ def start_agent_thread(
 
 
 def connect_agent_transport(
-    settings: MqttSettings, fleet: str, cid: str
+    settings: MqttSettings, fleet: str, cid: str, *, client_id_prefix: str = ""
 ) -> tuple[Transport, StatusRelay]:
-    """Connect one device over MQTT: client id ``cid``, Last Will :func:`offline_will`,
-    and a :class:`StatusRelay` that republishes the status on every reconnect."""
+    """Connect one device over MQTT: client id ``cid`` (after ``client_id_prefix``, for
+    simulated devices on a shared broker), Last Will :func:`offline_will`, and a
+    :class:`StatusRelay` that republishes the status on every reconnect."""
     from edge.mqtt_transport import MqttTransport
 
     relay = StatusRelay()
-    if settings.client_id != cid:
-        settings = replace(settings, client_id=cid)
+    client_id = client_id_prefix + cid
+    if settings.client_id != client_id:
+        settings = replace(settings, client_id=client_id)
     transport = MqttTransport(settings, will=offline_will(fleet, cid), on_connect_publish=relay)
     return transport, relay

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from edge.benchargs import check_output_file, float_above, int_at_least
+
 
 def _idle(idle_s: float, heartbeat_s: float, work: Path) -> dict[str, float]:
     from edge.data import load_builtin, save_dataset
@@ -104,13 +106,16 @@ def _train_time(trainer_kind: str, epochs: int, repeats: int) -> dict[str, float
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and print its table; return the exit status."""
     parser = argparse.ArgumentParser(prog="fedge bench agent", description=__doc__)
-    parser.add_argument("--idle-s", type=float, default=60.0, help="idle window (seconds)")
-    parser.add_argument("--heartbeat-s", type=float, default=30.0)
-    parser.add_argument("--epochs", type=int, default=1, help="epochs of the training task")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--idle-s", type=float_above(0), default=60.0, help="idle window (seconds)")
+    parser.add_argument("--heartbeat-s", type=float_above(0), default=30.0)
+    parser.add_argument(
+        "--epochs", type=int_at_least(1), default=1, help="epochs of the training task"
+    )
+    parser.add_argument("--repeats", type=int_at_least(1), default=3)
     parser.add_argument("--skip-idle", action="store_true")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write results as JSON")
     args = parser.parse_args(argv)
+    check_output_file(parser, "--json", args.json)
     results: dict[str, Any] = {"cpu_count": os.cpu_count()}
     if not args.skip_idle:
         with tempfile.TemporaryDirectory(prefix="fedge-bench-agent-") as tmp:

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from edge.benchargs import check_output_file, int_at_least
 from edge.mqtt_transport import MqttSettings, MqttTransport
 from edge.transport import Transport
 
@@ -31,10 +32,22 @@ SIZES = {"status": 512, "update": 100 * 1024}
 
 
 def _find_mosquitto(explicit: str | None) -> str:
-    for path in (explicit, shutil.which("mosquitto"), "/usr/sbin/mosquitto"):
+    """``--mosquitto``, else ``$FEDGE_MOSQUITTO``, else PATH; a given path must be usable."""
+    for flag, given in (("--mosquitto", explicit), ("FEDGE_MOSQUITTO", _env_mosquitto())):
+        if given:
+            if not (os.path.isfile(given) and os.access(given, os.X_OK)):
+                raise SystemExit(
+                    f"fedge bench transport: {flag}={given}: no executable mosquitto there"
+                )
+            return given
+    for path in (shutil.which("mosquitto"), "/usr/sbin/mosquitto"):
         if path and os.access(path, os.X_OK):
             return path
     raise SystemExit("fedge bench transport: mosquitto not found (apt-get install mosquitto)")
+
+
+def _env_mosquitto() -> str | None:
+    return os.environ.get("FEDGE_MOSQUITTO") or None
 
 
 @contextmanager
@@ -146,9 +159,14 @@ def main(argv: list[str]) -> int:
         prog="fedge bench transport", description=__doc__.splitlines()[0]
     )
     parser.add_argument(
-        "--small", type=int, default=2000, help="status-sized round trips (default 2000)"
+        "--small",
+        type=int_at_least(1),
+        default=2000,
+        help="status-sized round trips (default 2000)",
     )
-    parser.add_argument("--large", type=int, default=300, help="100 KB round trips (default 300)")
+    parser.add_argument(
+        "--large", type=int_at_least(1), default=300, help="100 KB round trips (default 300)"
+    )
     parser.add_argument("--protocol", choices=["5", "3.1.1"], default="5")
     parser.add_argument(
         "--no-nodelay", action="store_true", help="start the broker without set_tcp_nodelay"
@@ -157,6 +175,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--mosquitto", help="path of the mosquitto binary")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args(argv)
+    check_output_file(parser, "--json", args.json)
     counts = {"status": args.small, "update": args.large}
     if args.port:
         results = run(args.port, args.protocol, counts)

@@ -48,10 +48,24 @@ class BrokerError(RuntimeError):
     """Mosquitto is missing, did not start, or did not stop."""
 
 
+class MosquittoPathError(BrokerError):
+    """``$FEDGE_MOSQUITTO`` is set but names no executable file."""
+
+
 def find_mosquitto() -> str:
-    """Path of the ``mosquitto`` binary: ``$FEDGE_MOSQUITTO``, then PATH, then /usr/sbin."""
+    """Path of the ``mosquitto`` binary: ``$FEDGE_MOSQUITTO``, then PATH, then /usr/sbin.
+
+    A ``$FEDGE_MOSQUITTO`` that names no executable file is an error, not skipped.
+    """
     env = os.environ.get("FEDGE_MOSQUITTO")
-    candidates = [env] if env else []
+    if env:
+        # Set on purpose: never fall back to another binary behind the user's back.
+        if os.path.isfile(env) and os.access(env, os.X_OK):
+            return env
+        raise MosquittoPathError(
+            f"FEDGE_MOSQUITTO={env}: no executable mosquitto there; fix the path or unset it"
+        )
+    candidates: list[str] = []
     found = shutil.which("mosquitto")
     if found:
         candidates.append(found)

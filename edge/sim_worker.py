@@ -130,8 +130,15 @@ class SimDevice:
         return NumpyTrainer(spec)
 
     def start(self) -> None:
-        settings = MqttSettings.from_url(self.spec["broker"], client_id=self.cid)
-        self.transport, relay = connect_agent_transport(settings, self.spec["fleet"], self.cid)
+        # On a shared broker the MQTT client id has the run's prefix (``dev-0000`` could
+        # be a real device or another run's); the cid in the topics stays the same.
+        settings = MqttSettings.from_url(self.spec["broker"])
+        self.transport, relay = connect_agent_transport(
+            settings,
+            self.spec["fleet"],
+            self.cid,
+            client_id_prefix=self.spec.get("client_id_prefix", ""),
+        )
         options = AgentOptions(
             fleet=self.spec["fleet"],
             cid=self.cid,
@@ -194,10 +201,18 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for dev in devices:
         dev.start()
+    code = 0
     while not stop.wait(1.0):
         now = time.monotonic()
         for dev in devices:
             dev.chaos(now)
+        dead = [d.cid for d in devices if d.handle is not None and not d.handle.thread.is_alive()]
+        if dead:
+            # An agent ended by itself (it crashed: the traceback is logged above). Exit, so
+            # the simulator reports it instead of waiting for devices that are gone.
+            log.error("device(s) %s stopped unexpectedly; stopping this worker", ", ".join(dead))
+            code = 1
+            break
     # Tell every agent first, then wait: stopping them one by one would take N timeouts.
     for dev in devices:
         if dev.handle is not None:
@@ -205,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     for dev in devices:
         if dev.handle is not None:
             dev.handle.join(10.0)
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -26,6 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -554,6 +556,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    if args.json:
+        _check_output_file(parser, "--json", args.json)
     print(
         f"fedge kernels, backend {kernels.BACKEND}, {platform.machine()}, "
         f"median of {args.repeats} runs, single thread",
@@ -567,6 +571,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             json.dump(result, fh, indent=2)
         print(f"\nwrote {args.json}")
     return 0
+
+
+def _check_output_file(parser: argparse.ArgumentParser, flag: str, path: str) -> None:
+    """Fail now, not after the run, if ``path`` cannot be written (``edge.benchargs`` has the
+    same check; kernels imports nothing of ``edge``)."""
+    p = Path(path)
+    if p.is_dir():
+        parser.error(f"{flag} {p}: is a directory; give a file name")
+    if not p.parent.is_dir():
+        parser.error(f"{flag} {p}: the directory {p.parent} does not exist")
+    if not os.access(p.parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        parser.error(f"{flag} {p}: not writable")
 
 
 def _parse_size(text: str) -> int:

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from edge.benchargs import check_output_file
 from server_stub import report
 from server_stub.sim import SimConfig, SimError, run_sim
 
@@ -117,7 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedge bench fl", description=__doc__.split("\n")[0])
     parser.add_argument("--datasets", default="digits,mnist5k")
     parser.add_argument(
-        "--codecs", default=",".join(CODECS), help=f"comma-separated, from {', '.join(CODECS)}"
+        "--codecs",
+        default=",".join(CODECS),
+        help=f"comma-separated, from {', '.join(CODECS)}".replace("%", "%%"),
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=None, help="override every run's rounds")
@@ -130,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="write the table (and FILE.png, accuracy against megabytes) here",
     )
     args = parser.parse_args(argv)
+    check_output_file(parser, "--json", args.json)
+    check_output_file(parser, "--doc", args.doc)
     datasets = [d for d in args.datasets.split(",") if d]
     codecs = [c for c in args.codecs.split(",") if c]
     unknown = [d for d in datasets if d not in DATASETS] + [c for c in codecs if c not in CODECS]

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge.benchargs import check_output_file, int_at_least
 from server_stub.sim import SimConfig, SimError, run_sim
 
 GATED: tuple[str, ...] = (
@@ -292,11 +293,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=d.rounds)
     parser.add_argument("--workers", type=int, default=d.workers)
     parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--warmup", type=int, default=10, help="round the baseline is taken at")
+    parser.add_argument(
+        "--warmup",
+        type=int_at_least(1),
+        default=10,
+        help="round the baseline is taken at (before --rounds)",
+    )
     parser.add_argument("--tolerance", type=float, default=0.10, help="allowed growth (0.10)")
     parser.add_argument("--doc", default=None, metavar="PATH", help="write the Markdown page")
     parser.add_argument("--json", default=None, metavar="PATH", help="write every sample")
     args = parser.parse_args(argv)
+    if args.warmup >= args.rounds:
+        parser.error(
+            f"--warmup ({args.warmup}) must be below --rounds ({args.rounds}): the growth "
+            "is measured after the warm-up"
+        )
+    check_output_file(parser, "--json", args.json)
+    check_output_file(parser, "--doc", args.doc)
     cfg = soak_config(
         clients=args.clients,
         clients_per_round=args.clients_per_round,

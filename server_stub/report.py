@@ -213,7 +213,11 @@ def summary_table(total: Mapping[str, Any], wall_s: float) -> Any:
         (
             "declined / dropped / rejected",
             f"{total.get('declined')} / {total.get('dropped')} / {total.get('rejected')}"
-            + (f" ({total['late']} late stragglers)" if total.get("late") else ""),
+            + (
+                f" ({total['late']} late straggler{'' if total['late'] == 1 else 's'})"
+                if total.get("late")
+                else ""
+            ),
         ),
         ("wall time", f"{wall_s:.1f}s"),
     ]

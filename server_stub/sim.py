@@ -19,11 +19,14 @@ on exit, including on Ctrl-C, and the temporary directory is removed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import queue
+import secrets
 import signal
 import subprocess
 import sys
@@ -51,6 +54,31 @@ BROKER_KINDS = ("auto", "mosquitto", "embedded")
 
 class SimError(RuntimeError):
     """The simulation could not run (bad option, broker or worker failure)."""
+
+    exit_code = 1
+
+
+class SimUsageError(SimError):
+    """A bad option or input file (``fedge sim`` exits with 2, as argparse does)."""
+
+    exit_code = 2
+
+
+class SimInterrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP arrived: the run was unwound, everything it started stopped."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.result: SimResult | None = None
+        """What the interrupted run did (rounds completed so far); set by :func:`run_sim`."""
+
+
+MAX_CLASSES = 1000
+"""Most classes ``fedge sim`` accepts in a user dataset (labels 0..999)."""
+
+PRIVATE_FLEET = "sim"
+"""Fleet id on the simulator's own broker; on ``--broker URL`` each run gets ``sim-<6 hex>``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +151,8 @@ class SimResult:
     rounds: list[dict[str, Any]] = field(default_factory=list)
     totals: dict[str, Any] = field(default_factory=dict)
     wall_s: float = 0.0
+    fleet: str = PRIVATE_FLEET
+    """The fleet id the run used (the topic prefix ``fl/v1/{fleet}``)."""
 
 
 # ---------------------------------------------------------------------------- profiles
@@ -203,33 +233,67 @@ def make_profiles(
 # ---------------------------------------------------------------------------- data
 
 
+def _load_dataset(name: str) -> Any:
+    """The bundled dataset ``name``, or a user file whose classes are its labels 0..max.
+
+    Every problem with the file is an :class:`edge.data.DataError` (turned into a
+    :class:`SimUsageError` by the caller). The number of classes of a user file, ``.npz`` or
+    ``.csv`` alike, is its largest label + 1 (at least 2, at most :data:`MAX_CLASSES`).
+    """
+    from edge import data as edata
+
+    if name in edata.BUILTIN_DATASETS:
+        return edata.load_builtin(name)
+    path = Path(name)
+    if not path.exists():
+        raise SimUsageError(
+            f"--dataset {name!r} is neither a bundled dataset "
+            f"({', '.join(edata.BUILTIN_DATASETS)}) nor an existing file"
+        )
+    if path.is_dir():
+        raise SimUsageError(f"--dataset {name!r} is a directory, not a .npz or .csv data file")
+    try:
+        probe = edata.load_local_data(path, num_classes=MAX_CLASSES)
+    except edata.LabelRangeError as exc:
+        where = str(exc).split(";")[0].removeprefix("y: ")  # "label -1 at row 4 is outside ..."
+        raise SimUsageError(
+            f"--dataset {name}: {where}; labels must be whole numbers 0..{MAX_CLASSES - 1} "
+            "(fedge sim takes the number of classes from the largest label + 1)"
+        ) from None
+    num_classes = max(2, int(probe.y.max()) + 1)
+    return edata.Dataset(probe.x, probe.y, num_classes)
+
+
 def _prepare_data(
     cfg: SimConfig, workdir: Path, rng: np.random.Generator
 ) -> tuple[list[Path], Any, Any]:
     """Split the dataset, partition the training part over the devices, write each partition."""
     from edge import data as edata
 
-    if cfg.dataset in edata.BUILTIN_DATASETS:
-        dataset = edata.load_builtin(cfg.dataset)
-    else:
-        path = Path(cfg.dataset)
-        if not path.exists():
-            raise SimError(
-                f"--dataset {cfg.dataset!r} is neither a bundled dataset "
-                f"({', '.join(edata.BUILTIN_DATASETS)}) nor an existing file"
-            )
-        probe = np.load(path, allow_pickle=False) if path.suffix == ".npz" else None
-        num_classes = int(np.max(probe["y"])) + 1 if probe is not None else 10
-        dataset = edata.load_local_data(path, num_classes=num_classes)
-    train, test = dataset.split(cfg.test_fraction, rng)
-    scheme = edata.parse_partition(cfg.partition)
-    parts = edata.partition(
-        train.y,
-        cfg.clients,
-        scheme,
-        rng,
-        min_size=min(10, max(1, train.num_examples // cfg.clients)),
-    )
+    try:
+        dataset = _load_dataset(cfg.dataset)
+    except edata.DataError as exc:
+        raise SimUsageError(f"--dataset: {exc}") from None
+    try:
+        train, test = dataset.split(cfg.test_fraction, rng)
+    except edata.DataError:
+        raise SimUsageError(
+            f"--dataset {cfg.dataset}: {dataset.num_examples} examples are too few to hold "
+            f"out {cfg.test_fraction:.0%} of them for testing and train on the rest"
+        ) from None
+    try:
+        parts = edata.partition(
+            train.y,
+            cfg.clients,
+            edata.parse_partition(cfg.partition),
+            rng,
+            min_size=min(10, max(1, train.num_examples // cfg.clients)),
+        )
+    except edata.DataError as exc:
+        raise SimUsageError(
+            f"--partition {cfg.partition}: {exc} ({train.num_examples} training examples "
+            f"for --clients {cfg.clients})"
+        ) from None
     data_dir = workdir / "data"
     data_dir.mkdir()
     paths = []
@@ -250,6 +314,7 @@ class _Progress:
         self.cfg = cfg
         self.enabled = enabled
         self.rounds: list[dict[str, Any]] = []
+        self.fleet = PRIVATE_FLEET
         self._live: Any = None
 
     def __enter__(self) -> _Progress:
@@ -263,13 +328,19 @@ class _Progress:
     def _render(self) -> Any:
         title = (
             f"fedge sim: {self.cfg.clients} devices, {self.cfg.dataset}, "
-            f"{self.cfg.partition}, codec {self.cfg.codec}, {self.cfg.strategy}"
+            f"{self.cfg.partition}, codec {self.cfg.codec}, {self.cfg.strategy}, "
+            f"fleet {self.fleet}"
         )
         return report.round_table(self.rounds[-30:], title=title)
 
     def status(self, text: str) -> None:
         if self.enabled and self._live is None:
             print(text, flush=True)
+
+    def set_fleet(self, fleet: str) -> None:
+        self.fleet = fleet
+        if self._live is not None:
+            self._live.update(self._render())
 
     def add(self, record: dict[str, Any]) -> None:
         self.rounds.append(record)
@@ -295,6 +366,11 @@ class _Progress:
             self._live.__exit__(None, None, None)
 
 
+def _plural(n: int, one: str, many: str | None = None) -> str:
+    """``1 round``, ``2 rounds``."""
+    return f"{n} {one if n == 1 else (many or one + 's')}"
+
+
 def _start_workers(
     cfg: SimConfig,
     workdir: Path,
@@ -302,6 +378,7 @@ def _start_workers(
     data_paths: Sequence[Path],
     profiles: Sequence[dict[str, Any]],
     model_spec: dict[str, Any],
+    fleet: str = PRIVATE_FLEET,
 ) -> list[tuple[subprocess.Popen[bytes], Path]]:
     n_workers = cfg.workers or max(os.cpu_count() or 1, -(-cfg.clients // 250))
     n_workers = max(1, min(n_workers, cfg.clients))
@@ -318,7 +395,10 @@ def _start_workers(
     for w in range(n_workers):
         spec = {
             "broker": broker_url,
-            "fleet": "sim",
+            "fleet": fleet,
+            # On a shared broker, MQTT client ids that cannot clash with real devices
+            # or another run (the cid in the topics stays dev-NNNN).
+            "client_id_prefix": "" if fleet == PRIVATE_FLEET else f"{fleet}-",
             "model": model_spec,
             "trainer": cfg.trainer,
             "heartbeat_s": cfg.heartbeat_s,
@@ -355,10 +435,26 @@ def _stop_workers(
 
 
 def _check_workers(procs: Sequence[tuple[subprocess.Popen[bytes], Path]]) -> None:
-    for proc, log in procs:
-        if proc.poll() is not None and proc.returncode != 0:
-            tail = log.read_text(errors="replace")[-3000:]
-            raise SimError(f"a device worker exited with code {proc.returncode}:\n{tail}")
+    """Fail the run if a worker exited: they run until the simulator stops them."""
+    for w, (proc, log) in enumerate(procs):
+        code = proc.poll()
+        if code is None:
+            continue
+        if code < 0:
+            try:
+                how = f"was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"was killed by signal {-code}"
+        else:
+            how = f"exited with code {code}"
+        try:
+            tail = log.read_text(errors="replace")[-3000:].strip()
+        except OSError:
+            tail = ""
+        raise SimError(
+            f"device worker {w} (pid {proc.pid}) {how} before the run ended; "
+            f"its devices are gone" + (f"; its log ends:\n{tail}" if tail else "")
+        )
 
 
 def _raise_fd_limit(needed: int) -> None:
@@ -382,89 +478,228 @@ def _raise_fd_limit(needed: int) -> None:
         )
 
 
+class _InterruptOnSignals:
+    """While active, SIGINT, SIGTERM and SIGHUP unwind the run as :class:`SimInterrupted`.
+
+    Ctrl-C, ``kill`` and a closed terminal all stop a run the same way. Once
+    :meth:`defer` was called (the cleanup has begun) a signal no longer raises at once:
+    it is raised when the block ends, so it cannot cut the cleanup short. Only the first
+    signal counts. Installed only in the main thread (Python delivers signals there);
+    the previous handlers come back on exit.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self._previous: dict[int, Any] = {}
+        self._pending: int | None = None
+        self._raised = False
+        self._deferring = False
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self._pending is not None:
+            logger.warning("%s again: still stopping", signal.Signals(signum).name)
+            return
+        self._pending = signum
+        if not self._deferring:
+            self._raised = True
+            raise SimInterrupted(signum)
+
+    def defer(self) -> None:
+        """From now on, hold a signal back until the block ends."""
+        self._deferring = True
+
+    def __enter__(self) -> _InterruptOnSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        if exc_type is None and self._pending is not None and not self._raised:
+            raise SimInterrupted(self._pending)
+
+
+def _probe_broker(url: str) -> None:
+    """Connect to ``--broker`` once, so that a wrong address fails before anything starts."""
+    from edge.mqtt_transport import connect_url
+    from edge.transport import TransportError
+
+    try:
+        transport = connect_url(
+            url, client_id=f"fedge-sim-probe-{secrets.token_hex(4)}", connect_timeout_s=5.0
+        )
+    except TransportError as exc:
+        cause = exc.__cause__
+        detail = cause.strerror if isinstance(cause, OSError) and cause.strerror else None
+        raise SimError(f"cannot connect to {url} (--broker): {detail or exc}") from None
+    transport.close()
+
+
+def _clear_retained(url: str, fleet: str, quiet_s: float = 0.5, max_s: float = 10.0) -> int:
+    """Clear every retained message under the run's fleet on ``url``; return how many.
+
+    Collects the retained messages the broker sends on subscribing to ``fl/v1/{fleet}/#``
+    until ``quiet_s`` pass without one, then publishes an empty retained message on each.
+    """
+    from edge.mqtt_transport import connect_url
+    from edge.wire import Topics
+
+    transport = connect_url(
+        url, client_id=f"fedge-sim-cleanup-{fleet}-{secrets.token_hex(2)}", connect_timeout_s=5.0
+    )
+    try:
+        transport.subscribe(f"{Topics(fleet).prefix}/#")
+        topics: set[str] = set()
+        give_up = time.monotonic() + max_s
+        while time.monotonic() < give_up:
+            msg = transport.receive(quiet_s)
+            if msg is None:
+                break
+            if msg.retain and msg.payload:
+                topics.add(msg.topic)
+        for topic in sorted(topics):
+            transport.publish(topic, b"", retain=True)
+        return len(topics)
+    finally:
+        transport.close()
+
+
 def run_sim(
     cfg: SimConfig,
     *,
     show_progress: bool = True,
     on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> SimResult:
-    """Run one simulated federation to completion and return its records."""
+    """Run one simulated federation to completion and return its records.
+
+    On a private broker the fleet id is ``sim``; on ``--broker URL`` it is ``sim-<6 hex>``,
+    new for every run, and the run's retained messages are cleared when it ends (also on
+    an error, Ctrl-C, SIGTERM or SIGHUP), so runs on one broker never see each other's.
+    Ctrl-C, SIGTERM and SIGHUP raise :class:`SimInterrupted` (a ``KeyboardInterrupt``)
+    once everything is stopped (signal handlers are installed only in the main thread).
+    """
+    from server_stub.config import ConfigError
     from server_stub.simwiring import build_coordinator, model_spec_for
 
-    _validate(cfg)
-    _raise_fd_limit(2 * cfg.clients + 256)
-    rng = np.random.default_rng(cfg.seed)
     result = SimResult(cfg)
-    started = time.monotonic()
-    records: queue.Queue[dict[str, Any]] = queue.Queue()
-    with (
-        tempfile.TemporaryDirectory(prefix="fedge-sim-") as tmp,
-        _Progress(cfg, show_progress) as progress,
-    ):
-        workdir = Path(tmp)
-        progress.status(f"preparing {cfg.dataset} for {cfg.clients} devices ({cfg.partition})")
-        data_paths, train, test = _prepare_data(cfg, workdir, rng)
-        model_spec = model_spec_for(cfg, train)
-        profiles = make_profiles(
-            cfg.profiles, cfg.clients, rng, attackers=cfg.attackers, attack=cfg.attack
-        )
-        broker: MosquittoBroker | EmbeddedBroker | None = None
-        procs: list[tuple[subprocess.Popen[bytes], Path]] = []
-        stop = threading.Event()
-        coordinator_thread: threading.Thread | None = None
-        failure: list[BaseException] = []
-        try:
-            if cfg.broker is None:
-                broker, description = _start_broker(cfg.broker_kind, workdir / "broker")
-                broker_url = broker.url
-                logger.info("%s on %s", description, broker_url)
-                progress.status(f"{description} on {broker_url}")
-            else:
-                broker_url = cfg.broker
-            coordinator = build_coordinator(
-                cfg, broker_url, workdir, train, test, model_spec, on_round=records.put
-            )
-
-            def run_coordinator() -> None:
+    try:
+        with _InterruptOnSignals() as signals:
+            _validate(cfg)
+            fleet = PRIVATE_FLEET
+            if cfg.broker is not None:
+                fleet = f"{PRIVATE_FLEET}-{secrets.token_hex(3)}"
+                _probe_broker(cfg.broker)
+            _raise_fd_limit(2 * cfg.clients + 256)
+            rng = np.random.default_rng(cfg.seed)
+            result.fleet = fleet
+            started = time.monotonic()
+            records: queue.Queue[dict[str, Any]] = queue.Queue()
+            with (
+                tempfile.TemporaryDirectory(prefix="fedge-sim-") as tmp,
+                _Progress(cfg, show_progress) as progress,
+            ):
+                workdir = Path(tmp)
+                progress.set_fleet(fleet)
+                devices = _plural(cfg.clients, "device")
+                progress.status(f"preparing {cfg.dataset} for {devices} ({cfg.partition})")
+                data_paths, train, test = _prepare_data(cfg, workdir, rng)
+                model_spec = model_spec_for(cfg, train)
+                profiles = make_profiles(
+                    cfg.profiles, cfg.clients, rng, attackers=cfg.attackers, attack=cfg.attack
+                )
+                broker: MosquittoBroker | EmbeddedBroker | None = None
+                procs: list[tuple[subprocess.Popen[bytes], Path]] = []
+                stop = threading.Event()
+                coordinator_thread: threading.Thread | None = None
+                failure: list[BaseException] = []
                 try:
-                    coordinator.run(stop, max_rounds=cfg.rounds)
-                except BaseException as exc:  # reported by the main thread
-                    failure.append(exc)
+                    if cfg.broker is None:
+                        broker, description = _start_broker(cfg.broker_kind, workdir / "broker")
+                        broker_url = broker.url
+                        logger.info("%s on %s", description, broker_url)
+                        progress.status(f"{description} on {broker_url}, fleet {fleet}")
+                    else:
+                        broker_url = cfg.broker
+                        progress.status(
+                            f"broker {cfg.broker}, fleet {fleet} "
+                            f"(fedge status --broker {cfg.broker} --fleet {fleet})"
+                        )
+                    try:
+                        coordinator = build_coordinator(
+                            cfg,
+                            broker_url,
+                            workdir,
+                            train,
+                            test,
+                            model_spec,
+                            on_round=records.put,
+                            fleet=fleet,
+                        )
+                    except ConfigError as exc:
+                        raise SimUsageError(str(exc)) from None
+
+                    def run_coordinator() -> None:
+                        try:
+                            coordinator.run(stop, max_rounds=cfg.rounds)
+                        except BaseException as exc:  # reported by the main thread
+                            failure.append(exc)
+                        finally:
+                            stop.set()
+
+                    coordinator_thread = threading.Thread(
+                        target=run_coordinator, name="coordinator", daemon=True
+                    )
+                    coordinator_thread.start()
+                    procs = _start_workers(
+                        cfg, workdir, broker_url, data_paths, profiles, model_spec, fleet
+                    )
+                    progress.status(
+                        f"{_plural(cfg.clients, 'device')} in "
+                        f"{_plural(len(procs), 'worker process', 'worker processes')}; "
+                        f"{_plural(cfg.rounds, 'round')} of {cfg.clients_per_round}"
+                    )
+                    while not stop.is_set() or not records.empty():
+                        if not stop.is_set():
+                            _check_workers(procs)
+                        try:
+                            record = records.get(timeout=0.2)
+                        except queue.Empty:
+                            continue
+                        result.rounds.append(record)
+                        progress.add(record)
+                        if on_round is not None:
+                            on_round(record)
+                    if failure:
+                        raise SimError(f"the coordinator failed: {failure[0]!r}") from failure[0]
                 finally:
+                    signals.defer()
                     stop.set()
-
-            coordinator_thread = threading.Thread(
-                target=run_coordinator, name="coordinator", daemon=True
-            )
-            coordinator_thread.start()
-            procs = _start_workers(cfg, workdir, broker_url, data_paths, profiles, model_spec)
-            progress.status(
-                f"{cfg.clients} devices in {len(procs)} worker processes; "
-                f"{cfg.rounds} rounds of {cfg.clients_per_round}"
-            )
-            while not stop.is_set() or not records.empty():
-                try:
-                    record = records.get(timeout=0.2)
-                except queue.Empty:
-                    _check_workers(procs)
-                    continue
-                result.rounds.append(record)
-                progress.add(record)
-                if on_round is not None:
-                    on_round(record)
-            if failure:
-                raise SimError(f"the coordinator failed: {failure[0]!r}") from failure[0]
-        finally:
-            stop.set()
-            if coordinator_thread is not None:
-                coordinator_thread.join(timeout=15)
-            _stop_workers(procs)
-            if broker is not None:
-                broker.stop()
-    result.wall_s = time.monotonic() - started
-    result.totals = report.totals(result.rounds, cfg.target_accuracy)
-    result.totals["wall_s"] = result.wall_s
-    return result
+                    if coordinator_thread is not None:
+                        coordinator_thread.join(timeout=15)
+                    _stop_workers(procs)
+                    if broker is not None:
+                        broker.stop()
+                    elif cfg.broker is not None and (coordinator_thread is not None or procs):
+                        try:
+                            cleared = _clear_retained(cfg.broker, fleet)
+                            logger.info("cleared %d retained messages of fleet %s", cleared, fleet)
+                        except Exception as exc:  # never hide the run's own outcome
+                            logger.warning(
+                                "could not clear the retained messages of fleet %s on %s: %s",
+                                fleet,
+                                cfg.broker,
+                                exc,
+                            )
+            result.wall_s = time.monotonic() - started
+            result.totals = report.totals(result.rounds, cfg.target_accuracy)
+            result.totals["wall_s"] = result.wall_s
+            return result
+    except SimInterrupted as exc:
+        exc.result = result
+        raise
 
 
 def _start_broker(kind: str, workdir: Path) -> tuple[MosquittoBroker | EmbeddedBroker, str]:
@@ -473,13 +708,15 @@ def _start_broker(kind: str, workdir: Path) -> tuple[MosquittoBroker | EmbeddedB
     Returns the started broker and a description of it for the progress output.
     """
     from edge.embedded_broker import EmbeddedBroker, EmbeddedBrokerError
-    from edge.mosquitto import BrokerError, MosquittoBroker, find_mosquitto
+    from edge.mosquitto import BrokerError, MosquittoBroker, MosquittoPathError, find_mosquitto
 
     description = "mosquitto"
     if kind == "auto":
         try:
             find_mosquitto()
             kind = "mosquitto"
+        except MosquittoPathError as exc:  # asked for that binary: say it is wrong
+            raise SimError(str(exc)) from None
         except BrokerError:
             kind = "embedded"
             description = "embedded amqtt broker (mosquitto not found)"
@@ -493,42 +730,129 @@ def _start_broker(kind: str, workdir: Path) -> tuple[MosquittoBroker | EmbeddedB
         raise SimError(str(exc)) from exc
 
 
+def _finite(value: float) -> bool:
+    return math.isfinite(value)
+
+
 def _validate(cfg: SimConfig) -> None:
+    """Check every option before anything is prepared or started; :class:`SimUsageError`."""
+    bad = SimUsageError
     if cfg.clients < 1:
-        raise SimError("--clients must be at least 1")
+        raise bad("--clients must be at least 1")
     if not 1 <= cfg.clients_per_round <= cfg.clients:
-        raise SimError(f"--clients-per-round must be between 1 and --clients ({cfg.clients})")
+        raise bad(f"--clients-per-round must be between 1 and --clients ({cfg.clients})")
     if cfg.rounds < 1:
-        raise SimError("--rounds must be at least 1")
+        raise bad("--rounds must be at least 1")
+    if cfg.seed < 0:
+        raise bad("--seed must be >= 0")
+    if cfg.workers < 0:
+        raise bad("--workers must be >= 0 (0: one per core)")
+    if cfg.epochs < 1:
+        raise bad("--epochs must be at least 1")
+    if cfg.batch_size < 1:
+        raise bad("--batch-size must be at least 1")
+    if not (_finite(cfg.lr) and cfg.lr > 0):
+        raise bad(f"--lr must be a positive number, got {cfg.lr}")
+    if not (_finite(cfg.deadline_s) and cfg.deadline_s > 0):
+        raise bad(f"--deadline-s must be a positive number of seconds, got {cfg.deadline_s}")
+    if cfg.hidden < 1:
+        raise bad("--hidden must be at least 1")
+    if not (_finite(cfg.target_accuracy) and 0 < cfg.target_accuracy <= 1):
+        raise bad(f"--target-accuracy must be in (0, 1], e.g. 0.9, got {cfg.target_accuracy}")
     if cfg.profiles not in PROFILE_MIXES:
-        raise SimError(f"--profiles must be one of {', '.join(PROFILE_MIXES)}")
+        raise bad(f"--profiles must be one of {', '.join(PROFILE_MIXES)}")
     if cfg.trainer not in ("numpy", "litert"):
-        raise SimError("--trainer must be numpy or litert")
+        raise bad("--trainer must be numpy or litert")
     if cfg.broker_kind not in BROKER_KINDS:
-        raise SimError(f"--broker-kind must be one of {', '.join(BROKER_KINDS)}")
+        raise bad(f"--broker-kind must be one of {', '.join(BROKER_KINDS)}")
     if not 0 <= cfg.attackers <= cfg.clients:
-        raise SimError(f"--attackers must be between 0 and --clients ({cfg.clients})")
+        raise bad(f"--attackers must be between 0 and --clients ({cfg.clients})")
     from edge.attacks import parse_attack
 
     try:
         parse_attack(cfg.attack)
     except ValueError as exc:
-        raise SimError(f"--attack: {exc}") from None
-    if not cfg.clip_norm > 0:
-        raise SimError("--clip-norm must be > 0")
+        raise bad(f"--attack: {exc}") from None
+    if not (_finite(cfg.clip_norm) and cfg.clip_norm > 0):
+        raise bad("--clip-norm must be > 0")
     if not 0 <= cfg.trim_beta < 0.5:
-        raise SimError("--trim-beta must be in [0, 0.5)")
-    if cfg.broker is not None and cfg.broker_kind != "auto":
-        raise SimError("--broker URL uses an existing broker; drop --broker-kind or --broker")
-    if cfg.model.endswith(".tflite") and cfg.trainer != "litert":
-        raise SimError("a .tflite model needs --trainer litert")
+        raise bad("--trim-beta must be in [0, 0.5)")
+    from edge.data import DataError, parse_partition
+
+    try:
+        parse_partition(cfg.partition)
+    except DataError as exc:
+        raise bad(f"--partition: {exc}") from None
+    _validate_strategy(cfg)
+    _validate_broker(cfg)
+    _validate_model(cfg)
     from kernels.codec import parse_codec
     from kernels.errors import CodecError
 
     try:
         parse_codec(cfg.codec)
     except CodecError as exc:
-        raise SimError(f"--codec: {exc}") from None
+        raise bad(f"--codec: {exc}") from None
+
+
+def _validate_strategy(cfg: SimConfig) -> None:
+    from server_stub.selection import SELECTORS, make_selector
+    from server_stub.simwiring import strategy_for
+    from server_stub.strategies import STRATEGIES, make_strategy
+
+    if cfg.strategy not in STRATEGIES:
+        raise SimUsageError(
+            f"--strategy must be one of {', '.join(STRATEGIES)}, got {cfg.strategy!r}"
+        )
+    if cfg.async_mode and cfg.strategy not in ("fedavg", "fedbuff"):
+        raise SimUsageError(
+            f"--async runs FedBuff, which cannot be combined with --strategy {cfg.strategy}; "
+            "drop one of them"
+        )
+    name, params = strategy_for(cfg)
+    try:
+        make_strategy(name, params)
+    except ValueError as exc:
+        raise SimUsageError(f"--strategy {cfg.strategy}: {exc}") from None
+    if cfg.selection not in SELECTORS:
+        raise SimUsageError(
+            f"--selection must be one of {', '.join(SELECTORS)}, got {cfg.selection!r}"
+        )
+    try:
+        make_selector(cfg.selection)
+    except ValueError as exc:
+        raise SimUsageError(f"--selection {cfg.selection}: {exc}") from None
+
+
+def _validate_broker(cfg: SimConfig) -> None:
+    if cfg.broker is None:
+        return
+    if cfg.broker_kind != "auto":
+        raise SimUsageError("--broker URL uses an existing broker; drop --broker-kind or --broker")
+    from edge.mqtt_transport import MqttSettings
+
+    try:
+        MqttSettings.from_url(cfg.broker)
+    except ValueError as exc:
+        raise SimUsageError(
+            f"--broker {cfg.broker!r} is not a broker URL such as mqtt://127.0.0.1:1883 ({exc})"
+        ) from None
+
+
+def _validate_model(cfg: SimConfig) -> None:
+    if cfg.model in ("logreg", "mlp"):
+        return
+    if not cfg.model.endswith(".tflite"):
+        raise SimUsageError(f"--model must be logreg, mlp or a .tflite file, got {cfg.model!r}")
+    if cfg.trainer != "litert":
+        raise SimUsageError("a .tflite model needs --trainer litert")
+    from edge.litert_training import LiteRTTrainer
+    from edge.training import TrainingError
+
+    try:
+        LiteRTTrainer.from_file(cfg.model)
+    except (TrainingError, OSError) as exc:
+        raise SimUsageError(f"--model: {exc}") from None
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -626,25 +950,86 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     return SimConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
+def _prepare_out(out: str) -> bool:
+    """Create ``--out DIR`` (or check it is a writable directory) before the run.
+
+    Returns True when this call created it (so that a failed run can remove it again).
+    """
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise SimUsageError(f"--out {out}: exists and is not a directory")
+    created = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SimUsageError(f"--out {out}: cannot create the directory ({exc.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise SimUsageError(f"--out {out}: the directory is not writable")
+    return created
+
+
+def _write_outputs(
+    out: Path, cfg: SimConfig, fleet: str, rounds: list[dict[str, Any]], totals: dict[str, Any]
+) -> list[Path]:
+    report.write_metrics(out / "metrics.json", {**cfg.to_json(), "fleet": fleet}, rounds, totals)
+    written = [out / "metrics.json"]
+    if rounds:
+        report.plot_curves(out / "curves.png", {f"{cfg.codec}": rounds})
+        written.append(out / "curves.png")
+    return written
+
+
 def main(args: argparse.Namespace) -> int:
+    """``fedge sim``: 0 done, 1 the run failed, 2 a bad option or input, 128+N on signal N
+    (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP)."""
     from rich.console import Console
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfg = config_from_args(args)
     console = Console()
+    created_out = False
     try:
+        with _InterruptOnSignals():  # a signal before run_sim is an interruption too
+            _validate(cfg)
+            if cfg.out:
+                created_out = _prepare_out(cfg.out)
         result = run_sim(cfg, show_progress=not args.quiet)
     except SimError as exc:
-        console.print(f"[red]fedge sim: {exc}[/red]")
-        return 1
-    except KeyboardInterrupt:
-        console.print("[yellow]fedge sim: interrupted; everything it started is stopped[/yellow]")
-        return 130
+        if created_out and cfg.out:
+            _remove_if_empty(Path(cfg.out))
+        # One line (no wrapping at the terminal's width), on stderr as argparse's errors.
+        Console(stderr=True).print(f"fedge sim: {exc}", style="red", soft_wrap=True, markup=False)
+        return exc.exit_code
+    except KeyboardInterrupt as exc:
+        signum = int(signal.SIGINT)
+        partial: SimResult | None = None
+        if isinstance(exc, SimInterrupted):
+            signum, partial = exc.signum, exc.result
+        what = (
+            "interrupted"
+            if signum == signal.SIGINT
+            else f"stopped by {signal.Signals(signum).name}"
+        )
+        console.print(f"[yellow]fedge sim: {what}; everything it started is stopped[/yellow]")
+        rounds = partial.rounds if partial is not None else []
+        if cfg.out and partial is not None and rounds:
+            totals = report.totals(rounds, cfg.target_accuracy)
+            totals["interrupted"] = True
+            written = _write_outputs(Path(cfg.out), cfg, partial.fleet, rounds, totals)
+            console.print(
+                f"wrote {' and '.join(map(str, written))} "
+                f"({_plural(len(rounds), 'completed round')})"
+            )
+        elif created_out and cfg.out:
+            _remove_if_empty(Path(cfg.out))
+        return 128 + signum
     console.print(report.summary_table(result.totals, result.wall_s))
     if cfg.out:
-        out = Path(cfg.out)
-        out.mkdir(parents=True, exist_ok=True)
-        report.write_metrics(out / "metrics.json", cfg.to_json(), result.rounds, result.totals)
-        report.plot_curves(out / "curves.png", {f"{cfg.codec}": result.rounds})
-        console.print(f"wrote {out / 'metrics.json'} and {out / 'curves.png'}")
+        written = _write_outputs(Path(cfg.out), cfg, result.fleet, result.rounds, result.totals)
+        console.print(f"wrote {' and '.join(map(str, written))}")
     return 0
+
+
+def _remove_if_empty(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.rmdir()

@@ -25,10 +25,18 @@ if TYPE_CHECKING:
 def model_spec_for(cfg: SimConfig, train: Dataset) -> dict[str, Any]:
     """The model every simulated device trains (JSON-safe, sent to the workers)."""
     num_classes = int(train.num_classes)
+    from server_stub.sim import SimUsageError
+
     if cfg.model.endswith(".tflite"):
         from edge.litert_training import LiteRTTrainer
 
         spec = LiteRTTrainer.from_file(cfg.model).spec
+        if spec.input_dim != train.input_dim or spec.num_classes < num_classes:
+            raise SimUsageError(
+                f"--model {cfg.model} takes {spec.input_dim} features and {spec.num_classes} "
+                f"classes; --dataset {cfg.dataset} has {train.input_dim} features and "
+                f"{num_classes} classes"
+            )
         return {
             "kind": spec.kind,
             "input_dim": spec.input_dim,
@@ -37,9 +45,7 @@ def model_spec_for(cfg: SimConfig, train: Dataset) -> dict[str, Any]:
             "tflite": str(Path(cfg.model).resolve()),
         }
     if cfg.model not in ("logreg", "mlp"):
-        from server_stub.sim import SimError
-
-        raise SimError(f"--model must be logreg, mlp or a .tflite file, got {cfg.model!r}")
+        raise SimUsageError(f"--model must be logreg, mlp or a .tflite file, got {cfg.model!r}")
     hidden = [cfg.hidden] if cfg.model == "mlp" else []
     spec_json: dict[str, Any] = {
         "kind": cfg.model,
@@ -60,9 +66,7 @@ def model_spec_for(cfg: SimConfig, train: Dataset) -> dict[str, Any]:
                     "hidden": list(spec.hidden),
                     "tflite": str(path),
                 }
-        from server_stub.sim import SimError
-
-        raise SimError("no bundled .tflite model fits this dataset; pass --model PATH.tflite")
+        raise SimUsageError("no bundled .tflite model fits this dataset; pass --model PATH.tflite")
     return spec_json
 
 
@@ -88,21 +92,8 @@ def _evaluator(
     return evaluate
 
 
-def build_coordinator(
-    cfg: SimConfig,
-    broker_url: str,
-    workdir: Path,
-    train: Dataset,
-    test: Dataset,
-    spec: Mapping[str, Any],
-    on_round: Callable[[dict[str, Any]], None],
-) -> Coordinator:
-    """The real coordinator, on its own MQTT connection to the simulation's broker."""
-    from edge.training import ModelSpec, init_weights
-    from server_stub.config import config_from_dict
-    from server_stub.coordinator import Coordinator, mqtt_transport_for
-    from server_stub.store import Store
-
+def strategy_for(cfg: SimConfig) -> tuple[str, dict[str, Any]]:
+    """The coordinator's strategy id and its parameters for the simulator's options."""
     strategy = "fedbuff" if cfg.async_mode and cfg.strategy == "fedavg" else cfg.strategy
     strategy_params: dict[str, Any] = {
         "epochs": cfg.epochs,
@@ -117,9 +108,34 @@ def build_coordinator(
         strategy_params["max_norm"] = cfg.clip_norm
     if strategy == "trimmed_mean":
         strategy_params["beta"] = cfg.trim_beta
+    return strategy, strategy_params
+
+
+def build_coordinator(
+    cfg: SimConfig,
+    broker_url: str,
+    workdir: Path,
+    train: Dataset,
+    test: Dataset,
+    spec: Mapping[str, Any],
+    on_round: Callable[[dict[str, Any]], None],
+    fleet: str = "sim",
+) -> Coordinator:
+    """The real coordinator, on its own MQTT connection to the simulation's broker."""
+    from edge.training import ModelSpec, init_weights
+    from server_stub.config import config_from_dict
+    from server_stub.coordinator import Coordinator, mqtt_transport_for
+    from server_stub.store import Store
+
+    strategy, strategy_params = strategy_for(cfg)
+    broker: dict[str, Any] = {"url": broker_url, "client_id": "fedge-coordinator"}
+    if fleet != "sim":
+        # A shared broker (--broker URL): a client id of this run only, and no session
+        # left behind on the broker when the run ends.
+        broker = {**broker, "client_id": f"fedge-coordinator-{fleet}", "session_expiry_s": 0}
     config = config_from_dict(
         {
-            "fleet": "sim",
+            "fleet": fleet,
             "seed": cfg.seed,
             "rounds_total": cfg.rounds,
             "strategy": {"name": strategy, **strategy_params},
@@ -135,7 +151,7 @@ def build_coordinator(
                 "codec": parse_codec(cfg.codec),
                 "error_feedback": cfg.resolved_error_feedback(),
             },
-            "broker": {"url": broker_url, "client_id": "fedge-coordinator"},
+            "broker": broker,
             "state": {"db": str(workdir / "coordinator.db")},
             "startup_grace_s": 2.0,
         },

@@ -1,0 +1,58 @@
+"""Argument checks shared by the ``fedge bench`` commands (argparse types and output paths).
+
+Each bench checks its options before it runs, so that a typo fails at once with argparse's
+usage error (exit status 2), not after minutes of measuring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+
+def int_at_least(lo: int) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number ``>= lo``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be at least {lo}, got {value}")
+        return value
+
+    return parse
+
+
+def float_above(lo: float, *, inclusive: bool = False) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number ``> lo`` (``>= lo`` with ``inclusive``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or (value < lo if inclusive else value <= lo):
+            bound = f">= {lo:g}" if inclusive else f"> {lo:g}"
+            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text}")
+        return value
+
+    return parse
+
+
+def check_output_file(parser: argparse.ArgumentParser, flag: str, path: str | Path | None) -> None:
+    """Fail with a usage error now if ``path`` (the value of ``flag``) cannot be written later."""
+    if path is None:
+        return
+    p = Path(path)
+    parent = p.parent
+    if p.is_dir():
+        parser.error(f"{flag} {p}: is a directory; give a file name")
+    if not parent.is_dir():
+        parser.error(f"{flag} {p}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        parser.error(f"{flag} {p}: not writable")
