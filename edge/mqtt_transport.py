@@ -55,6 +55,7 @@ from edge.transport import (
     PublishNotAuthorizedError,
     SubscribeError,
     TransportClosed,
+    check_broker_url,
     validate_filter,
     validate_topic,
 )
@@ -144,16 +145,10 @@ class MqttSettings:
         >>> "s3cret" in repr(s)
         False
         """
+        check_broker_url(url)  # scheme, port and query keys, with the fix in the message
         parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-            raise ValueError(f"URL scheme must be mqtt:// or mqtts://, got {parts.scheme!r}")
-        tls = parts.scheme in ("mqtts", "ssl")
+        tls = parts.scheme == "mqtts"
         query = dict(urllib.parse.parse_qsl(parts.query, strict_parsing=False))
-        known = {"client_id", "protocol", "keepalive", "ca", "cert", "key", "insecure"}
-        known |= {"clean_start", "session_expiry"}
-        unknown = set(query) - known
-        if unknown:
-            raise ValueError(f"unknown URL query keys {sorted(unknown)}; known: {sorted(known)}")
 
         def flag(name: str, default: bool) -> bool:
             return query[name].lower() in ("1", "true", "yes") if name in query else default

@@ -88,6 +88,19 @@ BROKER_URL_QUERY_KEYS = frozenset(
 """Query keys ``edge.mqtt_transport.MqttSettings.from_url`` understands."""
 
 
+def redact_url(url: str) -> str:
+    """``url`` with its password, if any, replaced by ``***`` (for messages and logs).
+
+    >>> redact_url("mqtt://coordinator:s3cret@broker.lan:1883")
+    'mqtt://coordinator:***@broker.lan:1883'
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{parts.username}:***@{host}").geturl()
+
+
 def check_broker_url(url: object) -> str:
     """Return ``url`` if it is an ``mqtt://`` or ``mqtts://`` broker URL, else raise ValueError.
 

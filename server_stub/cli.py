@@ -22,12 +22,11 @@ import logging
 import signal
 import sys
 import threading
-import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
 
 from edge.modelio import AUX_PREFIX, F32, LayoutError, ModelLayout, unpack_model
-from edge.transport import TransportError
+from edge.transport import TransportError, redact_url
 from edge.wire import GlobalModel, WireError
 from server_stub.config import ConfigError, CoordinatorConfig, load_config
 from server_stub.coordinator import Coordinator, Evaluate, mqtt_transport_for
@@ -53,15 +52,6 @@ class StartupError(Exception):
     def __init__(self, message: str, exit_code: int = 2) -> None:
         super().__init__(message)
         self.exit_code = exit_code
-
-
-def _redact(url: str) -> str:
-    """The broker URL without a password (for messages and logs)."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return parts._replace(netloc=f"{parts.username}:***@{host}").geturl()
 
 
 def check_checkpoint(store: Store, layout: ModelLayout) -> None:
@@ -144,7 +134,7 @@ def _run(
         raise StartupError(f"{exc}; fix its permissions or point [state] db elsewhere") from None
     with store:
         check_checkpoint(store, layout)
-        url = _redact(config.broker.url)
+        url = redact_url(config.broker.url)
         try:
             transport = mqtt_transport_for(config)
         except TransportError as exc:

@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from edge.transport import Transport, TransportError, check_broker_url
+from edge.transport import Transport, TransportError, check_broker_url, redact_url
 from edge.wire import BadTopicError, Status, TopicKind, Topics, WireError, validate_id
 
 
@@ -72,16 +72,25 @@ def rows(statuses: dict[str, Status]) -> list[list[str]]:
 HEADERS = ["device", "online", "battery", "network", "examples", "samples/s", "state", "agent"]
 
 
-def render(table: list[list[str]]) -> None:
+def render(table: list[list[str]], where: str = "") -> None:
+    """Print the rows: a table on a terminal; tab-separated lines, header first, when the
+    output is piped or redirected (no column is cut to a terminal width, and ``cut``/``awk``
+    read it). ``where`` names the fleet and broker in the table's title."""
     try:
         from rich.console import Console
         from rich.table import Table
     except ImportError:  # pragma: no cover - rich is in fedge[server]
+        tty = False
+    else:
+        tty = sys.stdout.isatty()
+    if not tty:
         print("\t".join(HEADERS))
         for row in table:
             print("\t".join(row))
+        if not table:
+            print(f"fedge status: no device {where}".rstrip(), file=sys.stderr)
         return
-    t = Table(title=f"{len(table)} device(s)")
+    t = Table(title=f"{len(table)} device{'' if len(table) == 1 else 's'} {where}".rstrip())
     for h in HEADERS:
         t.add_column(h)
     for row in table:
@@ -145,8 +154,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         statuses = collect(transport, args.fleet, args.wait)
     finally:
         transport.close()
-    render(rows(statuses))
+    render(rows(statuses), f"in fleet {args.fleet} at {redact_url(args.broker)}")
     return 0
-
-
-__all__ = ["build_parser", "collect", "main", "rows"]

@@ -406,7 +406,9 @@ def test_settings_from_url() -> None:
     assert "p@ss" not in repr(s) and "p@ss" not in s.url
 
 
-@pytest.mark.parametrize("url", ["http://x", "mqtt://x?bogus=1"])
+@pytest.mark.parametrize(
+    "url", ["http://x", "mqtt://x?bogus=1", "tcp://x:1883", "ssl://x:8883", "mqtt://x:abc"]
+)
 def test_settings_from_bad_url(url: str) -> None:
     with pytest.raises(ValueError):
         MqttSettings.from_url(url)

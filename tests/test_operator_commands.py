@@ -46,10 +46,24 @@ def test_fedge_status_prints_every_device(mosquitto: MosquittoBroker) -> None:
          "--wait", "1"],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
+    # Assert: piped, it prints tab-separated lines (no column cut to a terminal width).
+    assert out.returncode == 0, out.stderr
+    lines = [line.split("\t") for line in out.stdout.splitlines()]
+    assert lines[0] == status_cmd.HEADERS
+    assert sorted((row[0], row[1]) for row in lines[1:]) == [("pi-01", "yes"), ("pi-02", "no")]
+
+
+def test_fedge_status_of_an_empty_fleet_says_where_it_looked(mosquitto: MosquittoBroker) -> None:
+    # Execute
+    out = subprocess.run(
+        [sys.executable, "-m", "edge", "status", "--broker", mosquitto.url, "--fleet", "none",
+         "--wait", "0.3"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
     # Assert
     assert out.returncode == 0, out.stderr
-    assert "pi-01" in out.stdout
-    assert "pi-02" in out.stdout
+    assert out.stdout.splitlines() == ["\t".join(status_cmd.HEADERS)]
+    assert f"no device in fleet none at {mosquitto.url}" in out.stderr
 
 
 def test_example_coordinator_config_loads() -> None:
