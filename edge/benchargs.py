@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from collections.abc import Callable
-from pathlib import Path
+
+from kernels.bench import check_output_file
+
+__all__ = ["check_output_file", "float_above", "int_at_least"]
 
 
 def int_at_least(lo: int) -> Callable[[str], int]:
@@ -42,17 +44,3 @@ def float_above(lo: float, *, inclusive: bool = False) -> Callable[[str], float]
         return value
 
     return parse
-
-
-def check_output_file(parser: argparse.ArgumentParser, flag: str, path: str | Path | None) -> None:
-    """Fail with a usage error now if ``path`` (the value of ``flag``) cannot be written later."""
-    if path is None:
-        return
-    p = Path(path)
-    parent = p.parent
-    if p.is_dir():
-        parser.error(f"{flag} {p}: is a directory; give a file name")
-    if not parent.is_dir():
-        parser.error(f"{flag} {p}: the directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        parser.error(f"{flag} {p}: not writable")

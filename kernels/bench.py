@@ -556,8 +556,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
-    if args.json:
-        _check_output_file(parser, "--json", args.json)
+    check_output_file(parser, "--json", args.json)
     print(
         f"fedge kernels, backend {kernels.BACKEND}, {platform.machine()}, "
         f"median of {args.repeats} runs, single thread",
@@ -573,9 +572,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _check_output_file(parser: argparse.ArgumentParser, flag: str, path: str) -> None:
-    """Fail now, not after the run, if ``path`` cannot be written (``edge.benchargs`` has the
-    same check; kernels imports nothing of ``edge``)."""
+def check_output_file(parser: argparse.ArgumentParser, flag: str, path: str | Path | None) -> None:
+    """Fail with a usage error now, not after the run, if ``path`` (the value of ``flag``)
+    cannot be written later. Every ``fedge bench`` command uses it (``edge.benchargs``)."""
+    if path is None:
+        return
     p = Path(path)
     if p.is_dir():
         parser.error(f"{flag} {p}: is a directory; give a file name")
