@@ -1,6 +1,7 @@
-"""Argument checks shared by the ``fedge bench`` commands (argparse types and output paths).
+"""Argument checks shared by the ``fedge bench`` commands and ``fedge coordinator --rounds``
+(argparse types and output paths).
 
-Each bench checks its options before it runs, so that a typo fails at once with argparse's
+Each command checks its options before it runs, so that a typo fails at once with argparse's
 usage error (exit status 2), not after minutes of measuring.
 """
 

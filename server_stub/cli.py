@@ -25,11 +25,17 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
 
-from edge.modelio import AUX_PREFIX, F32, LayoutError, ModelLayout, unpack_model
+from edge.benchargs import int_at_least
+from edge.modelio import F32, LayoutError, ModelLayout
 from edge.transport import TransportError, redact_url
-from edge.wire import GlobalModel, WireError
 from server_stub.config import ConfigError, CoordinatorConfig, load_config
-from server_stub.coordinator import Coordinator, Evaluate, mqtt_transport_for
+from server_stub.coordinator import (
+    CheckpointMismatchError,
+    Coordinator,
+    Evaluate,
+    checkpoint_weights,
+    mqtt_transport_for,
+)
 from server_stub.metrics import CoordinatorMetrics
 from server_stub.store import NotAStateDatabaseError, Store, StoreError
 from server_stub.strategies import StrategyError
@@ -52,38 +58,6 @@ class StartupError(Exception):
     def __init__(self, message: str, exit_code: int = 2) -> None:
         super().__init__(message)
         self.exit_code = exit_code
-
-
-def check_checkpoint(store: Store, layout: ModelLayout) -> None:
-    """Raise :class:`StartupError` unless the store's checkpoint (if any) has ``layout``.
-
-    The coordinator resumes from the checkpoint; one made with another ``[model]`` cannot be
-    resumed and must not be overwritten either.
-    """
-    stored = store.latest_model()
-    if stored is None:
-        return
-    try:
-        weights = unpack_model(GlobalModel.from_bytes(stored.envelope))
-    except WireError as exc:  # LayoutError included
-        raise StartupError(
-            f"the checkpoint (model version {stored.version}) in state db {store.path} cannot "
-            f"be decoded ({exc}); move the file away or point [state] db elsewhere"
-        ) from None
-    model = {name: w for name, w in weights.items() if not name.startswith(AUX_PREFIX)}
-    try:
-        layout.check_weights(model)
-    except LayoutError:
-        had = ModelLayout.of(model)
-        raise StartupError(
-            f"the checkpoint in {store.path} was made with a different model (it has "
-            f"{_shapes(had)}; [model] gives {_shapes(layout)}); restore [model] or use a new "
-            "[state] db"
-        ) from None
-
-
-def _shapes(layout: ModelLayout) -> str:
-    return ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in layout.entries)
 
 
 def run_coordinator(
@@ -133,7 +107,10 @@ def _run(
     except StoreError as exc:
         raise StartupError(f"{exc}; fix its permissions or point [state] db elsewhere") from None
     with store:
-        check_checkpoint(store, layout)
+        try:
+            checkpoint_weights(store, layout)  # refuse another model's checkpoint before connecting
+        except CheckpointMismatchError as exc:
+            raise StartupError(str(exc)) from None
         url = redact_url(config.broker.url)
         try:
             transport = mqtt_transport_for(config)
@@ -179,16 +156,6 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedge coordinator",
@@ -197,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", required=True, help="coordinator TOML file")
     parser.add_argument(
-        "--rounds", type=_positive_int, default=None, metavar="N",
+        "--rounds", type=int_at_least(1), default=None, metavar="N",
         help="run N rounds in this run, then exit (instead of rounds_total)",
     )  # fmt: skip
     parser.add_argument(

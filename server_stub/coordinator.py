@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from edge.chunking import Reassembler, new_transfer_id, split
-from edge.modelio import F32, ModelLayout, pack_model, unpack_model
+from edge.modelio import AUX_PREFIX, F32, LayoutError, ModelLayout, pack_model, unpack_model
 from edge.transport import Message, Transport, TransportClosed, TransportError
 from edge.wire import (
     GlobalModel,
@@ -83,7 +83,7 @@ from server_stub.rounds import (
     WaitForDevices,
 )
 from server_stub.selection import make_selector
-from server_stub.store import Store
+from server_stub.store import Store, StoredModel
 from server_stub.strategies import AcceptedUpdate, Scaffold, Strategy, make_strategy
 from server_stub.validation import (
     SCAFFOLD_C_AUX,
@@ -113,6 +113,49 @@ def _clip(text: str) -> str:
 Evaluate = Callable[[dict[str, F32]], Mapping[str, float]]
 """Model evaluation injected by the composition root: weights → at least accuracy and loss."""
 OnRound = Callable[[dict[str, Any]], None]
+
+
+class CheckpointMismatchError(LayoutError):
+    """The store's newest checkpoint cannot be resumed with this model layout (it cannot be
+    decoded, or it was made with another ``[model]``). Nothing was written."""
+
+
+def checkpoint_weights(
+    store: Store, layout: ModelLayout
+) -> tuple[StoredModel, dict[str, np.ndarray]] | None:
+    """The store's newest checkpoint and its model tensors, checked against ``layout``; None
+    when the store holds none. The coordinator resumes from it; ``fedge coordinator`` also
+    calls this before it connects, to refuse a checkpoint of another model early.
+
+    Raises
+    ------
+    CheckpointMismatchError
+        The checkpoint cannot be decoded, or its tensors do not match ``layout``.
+    """
+    stored = store.latest_model()
+    if stored is None:
+        return None
+    try:
+        weights = unpack_model(GlobalModel.from_bytes(stored.envelope))
+    except WireError as exc:  # LayoutError included
+        raise CheckpointMismatchError(
+            f"the checkpoint (model version {stored.version}) in state db {store.path} cannot "
+            f"be decoded ({exc}); move the file away or point [state] db elsewhere"
+        ) from None
+    model = {name: w for name, w in weights.items() if not name.startswith(AUX_PREFIX)}
+    try:
+        layout.check_weights(model)
+    except LayoutError:
+        raise CheckpointMismatchError(
+            f"the checkpoint in {store.path} was made with a different model (it has "
+            f"{_shapes(ModelLayout.of(model))}; [model] gives {_shapes(layout)}); restore "
+            "[model] or use a new [state] db"
+        ) from None
+    return stored, weights
+
+
+def _shapes(layout: ModelLayout) -> str:
+    return ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in layout.entries)
 
 
 @dataclass(slots=True)
@@ -236,8 +279,8 @@ class Coordinator:
     # -- startup -----------------------------------------------------------------------------
 
     def _resume(self, initial: Mapping[str, np.ndarray]) -> tuple[F32, int, int]:
-        stored = self.store.latest_model()
-        if stored is None:
+        found = checkpoint_weights(self.store, self.layout)
+        if found is None:
             weights = {k: np.asarray(v, dtype=np.float32) for k, v in initial.items()}
             flat = self.layout.flatten(weights)
             envelope = self._pack(flat, 0, 0)
@@ -246,8 +289,7 @@ class Coordinator:
             )
             logger.info("fresh start: model version 0 (%d parameters)", self.layout.size)
             return flat, 0, 1
-        model = GlobalModel.from_bytes(stored.envelope)
-        weights = unpack_model(model)
+        stored, weights = found
         flat = self.layout.flatten({n: weights[n] for n in self.layout.names})
         if stored.state:
             self.strategy.load_state_dict(stored.state)
@@ -743,4 +785,11 @@ def mqtt_transport_for(config: CoordinatorConfig) -> Transport:
     return MqttTransport(MqttSettings.from_url(b.url, **overrides))
 
 
-__all__ = ["Coordinator", "Evaluate", "OnRound", "mqtt_transport_for"]
+__all__ = [
+    "CheckpointMismatchError",
+    "Coordinator",
+    "Evaluate",
+    "OnRound",
+    "checkpoint_weights",
+    "mqtt_transport_for",
+]

@@ -730,10 +730,6 @@ def _start_broker(kind: str, workdir: Path) -> tuple[MosquittoBroker | EmbeddedB
         raise SimError(str(exc)) from exc
 
 
-def _finite(value: float) -> bool:
-    return math.isfinite(value)
-
-
 def _validate(cfg: SimConfig) -> None:
     """Check every option before anything is prepared or started; :class:`SimUsageError`."""
     bad = SimUsageError
@@ -751,13 +747,13 @@ def _validate(cfg: SimConfig) -> None:
         raise bad("--epochs must be at least 1")
     if cfg.batch_size < 1:
         raise bad("--batch-size must be at least 1")
-    if not (_finite(cfg.lr) and cfg.lr > 0):
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
         raise bad(f"--lr must be a positive number, got {cfg.lr}")
-    if not (_finite(cfg.deadline_s) and cfg.deadline_s > 0):
+    if not (math.isfinite(cfg.deadline_s) and cfg.deadline_s > 0):
         raise bad(f"--deadline-s must be a positive number of seconds, got {cfg.deadline_s}")
     if cfg.hidden < 1:
         raise bad("--hidden must be at least 1")
-    if not (_finite(cfg.target_accuracy) and 0 < cfg.target_accuracy <= 1):
+    if not (math.isfinite(cfg.target_accuracy) and 0 < cfg.target_accuracy <= 1):
         raise bad(f"--target-accuracy must be in (0, 1], e.g. 0.9, got {cfg.target_accuracy}")
     if cfg.profiles not in PROFILE_MIXES:
         raise bad(f"--profiles must be one of {', '.join(PROFILE_MIXES)}")
@@ -773,7 +769,7 @@ def _validate(cfg: SimConfig) -> None:
         parse_attack(cfg.attack)
     except ValueError as exc:
         raise bad(f"--attack: {exc}") from None
-    if not (_finite(cfg.clip_norm) and cfg.clip_norm > 0):
+    if not (math.isfinite(cfg.clip_norm) and cfg.clip_norm > 0):
         raise bad("--clip-norm must be > 0")
     if not 0 <= cfg.trim_beta < 0.5:
         raise bad("--trim-beta must be in [0, 0.5)")

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from edge import cli as fedge_cli
 from edge.modelio import pack_model
 from edge.mosquitto import free_port
+from edge.transport import InMemoryBroker
 from server_stub import cli
 from server_stub.config import (
     BrokerSettings,
@@ -33,6 +34,7 @@ from server_stub.config import (
     config_from_dict,
     load_config,
 )
+from server_stub.coordinator import CheckpointMismatchError, Coordinator
 from server_stub.devices import EligibilityRules
 from server_stub.rounds import RoundSettings
 from server_stub.store import Store
@@ -282,18 +284,20 @@ def test_unusable_state_db_exits_2_and_is_left_alone(
     assert (db.read_bytes() if db.is_file() else None) == before
 
 
+def _checkpoint_example_model(store: Store) -> None:
+    """Store version 0 of the example config's model (hidden = [32]) as the checkpoint."""
+    _layout, weights = load_config(EXAMPLE).layout_and_weights()
+    envelope = pack_model(weights, model_version=0, round_no=0).to_bytes()
+    store.checkpoint(version=0, round_no=0, envelope=envelope, state={}, record=None, accepted=())
+
+
 def test_checkpoint_of_another_model_exits_2_and_keeps_the_checkpoint(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], dead_broker: str
 ) -> None:
     # Prepare: a checkpoint made with hidden = [32], then the config says [128]
-    original = load_config(EXAMPLE)
-    _layout, weights = original.layout_and_weights()
     db = tmp_path / "coordinator.db"
     with Store(db) as store:
-        envelope = pack_model(weights, model_version=0, round_no=0).to_bytes()
-        store.checkpoint(
-            version=0, round_no=0, envelope=envelope, state={}, record=None, accepted=()
-        )
+        _checkpoint_example_model(store)
     before = db.read_bytes()
     path = edited(
         tmp_path, "hidden = [32]", "hidden = [128]", ('url = "mqtt://127.0.0.1:1883"', dead_broker)
@@ -306,6 +310,20 @@ def test_checkpoint_of_another_model_exits_2_and_keeps_the_checkpoint(
     assert "[model] gives w0 64x128" in err
     assert err.rstrip().endswith("restore [model] or use a new [state] db")
     assert db.read_bytes() == before
+
+
+def test_embedded_coordinator_refuses_a_checkpoint_of_another_model(tmp_path: Path) -> None:
+    # The check lives in the coordinator itself, so the simulator and other embedders get the
+    # same message as the command line (before, a KeyError or LayoutError from unpacking).
+    with Store(tmp_path / "coordinator.db") as store:
+        _checkpoint_example_model(store)
+        other = load_config(edited(tmp_path, "hidden = [32]", "hidden = [128]"))
+        layout, other_weights = other.layout_and_weights()
+        with pytest.raises(CheckpointMismatchError, match="was made with a different model"):
+            Coordinator(
+                other, InMemoryBroker().connect("coord"), store, layout=layout,
+                initial_weights=other_weights,
+            )  # fmt: skip
 
 
 # ------------------------------------------------------------------- ports and broker
