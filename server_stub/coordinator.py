@@ -13,6 +13,9 @@ round machine, validator, strategy) meet I/O (transport, store, clock). Rules:
   before an update is folded when an acknowledgement is not yet saved, and at the next tick
   after one arrives; so every folded update's acknowledgement is on disk and a restarted
   coordinator can ask again the devices whose updates died with it.
+- Synchronous rounds: every folded update's envelope is stored (``Store.save_folded``) before
+  the round machine counts it; a restarted coordinator folds the stored ones into the
+  reopened round again, in their order, instead of asking those devices to train again.
 - With ``require_signature`` an update of the topic's device rejected ``bad_envelope``,
   ``bad_signature`` or ``wrong_cid`` fails that device's task at once (the production
   broker's ACL lets only the device publish on its update topic).
@@ -48,6 +51,7 @@ from edge.wire import (
     GlobalModel,
     JSONValue,
     ModelManifest,
+    ModelUpdate,
     Status,
     TopicKind,
     Topics,
@@ -83,7 +87,7 @@ from server_stub.rounds import (
     WaitForDevices,
 )
 from server_stub.selection import make_selector
-from server_stub.store import Store, StoredModel
+from server_stub.store import FoldedUpdate, Store, StoredModel
 from server_stub.strategies import AcceptedUpdate, Scaffold, Strategy, make_strategy
 from server_stub.validation import (
     SCAFFOLD_C_AUX,
@@ -168,6 +172,14 @@ class _RoundIO:
     accepted: list[tuple[str, str]] = field(default_factory=list)
     examples: int = 0
     waiting_logged: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Received:
+    """An update whose envelope passed its checks, with the bytes it came in."""
+
+    update: ModelUpdate
+    data: bytes
 
 
 class Coordinator:
@@ -269,11 +281,24 @@ class Coordinator:
         self._sessions_lost = self._broker_sessions_lost()
         """The transport's count of reconnects without a session, as last seen."""
         self._restore_cmds: list[Command] = []
+        self._refold: list[tuple[FoldedUpdate, ModelUpdate]] = []
+        """Updates kept by the store that the reopened round folds in again."""
         snap = store.open_round()
         if snap is not None and config.rounds.mode == "sync":
-            self._restore_cmds = self.machine.restore(snap)
+            self._refold = self._kept_updates(round_no)
+            self._restore_cmds = self.machine.restore(
+                snap, {kept.task_id: kept.meta.get("loss") for kept, _ in self._refold}
+            )
             if self._restore_cmds:
-                logger.info("resuming open round %d from the store", round_no)
+                logger.info(
+                    "resuming open round %d from the store (%d update(s) folded before the "
+                    "restart are kept)",
+                    round_no,
+                    len(self._refold),
+                )
+            else:
+                self._refold = []
+        store.drop_folded(before_round=round_no)
         self._started = False
 
     # -- startup -----------------------------------------------------------------------------
@@ -298,6 +323,34 @@ class Coordinator:
             "resumed from checkpoint: model version %d, next round %d", stored.version, round_no
         )
         return flat, stored.version, round_no
+
+    def _kept_updates(self, round_no: int) -> list[tuple[FoldedUpdate, ModelUpdate]]:
+        """The updates the store kept for ``round_no`` that still pass the checks.
+
+        One that fails them now (its device's key was changed, a bound was lowered) is
+        dropped from the store and left out: the reopened round treats its task as lost and
+        asks the device again.
+        """
+        usable: list[tuple[FoldedUpdate, ModelUpdate]] = []
+        dropped: list[str] = []
+        for kept in self.store.folded(round_no):
+            parsed = self.validator.parse(kept.envelope, kept.cid)
+            checked = parsed if isinstance(parsed, Rejected) else self.validator.decode(parsed)
+            if isinstance(checked, Rejected):
+                logger.warning(
+                    "update %s from %s, kept from before the restart, is refused now: %s (%s)",
+                    kept.task_id,
+                    kept.cid,
+                    checked.reason,
+                    _clip(checked.detail),
+                )
+                dropped.append(kept.task_id)
+                continue
+            assert not isinstance(parsed, Rejected)
+            usable.append((kept, parsed))
+        if dropped:
+            self.store.drop_folded(task_ids=dropped)
+        return usable
 
     def _pack(self, flat: F32, version: int, round_no: int) -> bytes:
         weights: dict[str, np.ndarray] = dict(self.layout.unflatten(flat))
@@ -485,7 +538,7 @@ class Coordinator:
                 cid, parsed.task_id, parsed.round_no, parsed.model_version, parsed.nonce, now
             ),
             now,
-            update=parsed,
+            update=_Received(parsed, data),
         )
 
     def _reject_outside(self, reason: str, cid: str, detail: str, now: float) -> None:
@@ -547,6 +600,27 @@ class Coordinator:
         self._io = _RoundIO(started_at=now)
         self.strategy.begin_round(self.model, round_no=cmd.round_no)
         logger.info("round %d started on model version %d", cmd.round_no, cmd.model_version)
+        refold, self._refold = self._refold, []
+        for kept, parsed in refold:
+            decoded = self.validator.decode(parsed)
+            assert not isinstance(decoded, Rejected)  # _kept_updates checked it
+            meta = kept.meta
+            accepted = self._accepted(
+                decoded, kept.cid, int(meta.get("staleness", 0)), float(meta.get("capability", 1))
+            )
+            verdict = self.strategy.accept(accepted)
+            if not verdict.accepted:  # the strategy's settings changed across the restart
+                logger.error(
+                    "round %d: kept update %s from %s refused by the strategy now: %s",
+                    cmd.round_no,
+                    kept.task_id,
+                    kept.cid,
+                    verdict.reason,
+                )
+                continue
+            self._io.accepted.append((kept.task_id, kept.cid))
+            self._io.examples += decoded.update.num_examples
+            self._io.bytes_up += len(kept.envelope)
 
     def _send_task(self, cmd: SendTask) -> None:
         t = cmd.task
@@ -586,10 +660,10 @@ class Coordinator:
         self.metrics.add_bytes(outbound=len(payload))
         self.registry.record_selected(t.cid, t.round_no)
 
-    def _fold(self, cmd: FoldUpdate, update: Any, now: float) -> None:
+    def _fold(self, cmd: FoldUpdate, received: _Received, now: float) -> None:
         view = self.registry.get(cmd.cid)
         decoded = self.validator.decode(
-            update, max_examples=None if view is None else view.num_examples or None
+            received.update, max_examples=None if view is None else view.num_examples or None
         )
         if isinstance(decoded, Rejected):
             logger.info(
@@ -602,7 +676,9 @@ class Coordinator:
             self.metrics.reject(decoded.reason.value)
             self._feed(UpdateInvalid(decoded.reason.value, cmd.cid, cmd.task_id), now)
             return
-        verdict = self.strategy.accept(self._accepted(decoded, cmd))
+        capability = self._capability(cmd.cid)
+        accepted = self._accepted(decoded, cmd.cid, cmd.staleness, capability)
+        verdict = self.strategy.accept(accepted)
         if not verdict.accepted:
             reason = "strategy_" + (verdict.reason.value if verdict.reason else "rejected")
             self.metrics.reject(reason)
@@ -611,21 +687,30 @@ class Coordinator:
         self._io.accepted.append((cmd.task_id, cmd.cid))
         self._io.examples += decoded.update.num_examples
         loss = decoded.update.metrics.get("loss")
+        if self.config.rounds.mode == "sync":
+            # Kept until the round closes: a restarted coordinator folds it in again instead
+            # of asking the device to train once more.
+            meta = {"staleness": cmd.staleness, "capability": capability, "loss": loss}
+            self.store.save_folded(self.machine.round_no, cmd.task_id, cmd.cid, meta, received.data)
         self.registry.record_success(cmd.cid, loss)
         crash_point("after_fold", self.machine.round_no)
         self._feed(UpdateFolded(cmd.task_id, ready=verdict.ready, loss=loss), now)
 
-    def _accepted(self, decoded: Decoded, cmd: FoldUpdate) -> AcceptedUpdate:
-        view = self.registry.get(cmd.cid)
-        capability = 1.0
+    def _capability(self, cid: str) -> float:
+        view = self.registry.get(cid)
         if view is not None and view.samples_per_s:
-            capability = float(view.samples_per_s)
+            return float(view.samples_per_s)
+        return 1.0
+
+    def _accepted(
+        self, decoded: Decoded, cid: str, staleness: int, capability: float
+    ) -> AcceptedUpdate:
         return AcceptedUpdate(
-            cid=cmd.cid,
+            cid=cid,
             num_examples=decoded.update.num_examples,
             delta=decoded.delta,
             capability=capability,
-            staleness=cmd.staleness,
+            staleness=staleness,
             control_delta=decoded.aux.get(SCAFFOLD_DELTA_AUX),
         )
 

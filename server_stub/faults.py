@@ -9,7 +9,7 @@ flushed. Stages (see :data:`STAGES`):
 ``after_send_tasks``
     the round's tasks were stored and published; no update counted yet.
 ``after_fold``
-    the first update of the round was folded into the in-memory aggregate.
+    the first update of the round was folded into the aggregate and stored.
 ``before_checkpoint``
     the round was aggregated in memory; the new version is not stored.
 ``after_checkpoint``

@@ -27,7 +27,8 @@ Rules of a synchronous round (``mode="sync"``):
   device is replaced like a decline, except that it may itself be asked again (it is idle).
   A status before the acknowledgement proves nothing: it may predate the task. The
   acknowledged task ids are part of the snapshot, so a restarted coordinator detects tasks
-  whose updates died with the old process and asks again (:meth:`RoundMachine.restore`).
+  whose updates died with the old process and asks again (:meth:`RoundMachine.restore`);
+  updates the coordinator kept count as folded in the reopened round.
 - An update rejected before its task is known (``bad_envelope``, ``bad_signature``,
   ``wrong_cid``: :data:`ENVELOPE_REJECTIONS`) fails the outstanding task of the topic's
   device at once only when the machine was built with ``fail_task_on_bad_envelope`` (the
@@ -555,16 +556,22 @@ class RoundMachine:
             "acknowledged": sorted(self.acknowledged),
         }
 
-    def restore(self, snap: Mapping[str, Any]) -> list[Command]:
+    def restore(
+        self, snap: Mapping[str, Any], folded: Mapping[str, float | None] | None = None
+    ) -> list[Command]:
         """Reopen a round saved by :meth:`snapshot` after a restart.
 
-        Updates folded before the crash were lost with the in-memory aggregate (they were
-        never checkpointed, so they are counted zero times, never twice); their tasks stay
-        open so a QoS-1 redelivery can still be counted. Their acknowledgements are restored
-        too: when the device's status then shows it is idle, the task is lost
-        (:class:`TaskStatus`) and the device is asked again with a fresh task of the same round
-        on the same model version, so the round can complete. Returns the :class:`StartRound`
-        the coordinator must execute (empty if the snapshot had no open round).
+        ``folded`` maps the task ids of updates the coordinator kept (it folds them into the
+        reopened aggregate again, in this order) to their reported loss: they count as
+        folded, so a QoS-1 redelivery of one is a ``duplicate``. Any other update folded
+        before the restart died with the old process (counted zero times, never twice); its
+        task stays open so a redelivery can still be counted, and its acknowledgement is
+        restored too: when the device's status then shows it is idle, the task is lost
+        (:class:`TaskStatus`) and the device is asked again with a fresh task of the same
+        round on the same model version, so the round can complete. Returns the
+        :class:`StartRound` the coordinator must execute (empty if the snapshot had no open
+        round), followed by the round's :class:`Aggregate` when the kept updates already
+        reach the target.
         """
         if snap.get("state") not in (RoundState.COLLECTING.value, RoundState.AGGREGATING.value):
             return []
@@ -572,19 +579,36 @@ class RoundMachine:
             return []  # the round was checkpointed after the snapshot: nothing to reopen
         tasks = [IssuedTask.from_json(t) for t in snap.get("tasks", [])]
         self.tasks = {t.task_id: t for t in tasks}
+        kept = {
+            task_id: loss
+            for task_id, loss in (folded or {}).items()
+            if task_id in self.tasks and task_id not in self.accepted_before
+        }
         self.outstanding = {str(k): str(v) for k, v in dict(snap.get("outstanding", {})).items()}
-        # Tasks folded before the crash are outstanding again: their device may resend.
+        # Tasks folded before the crash and not kept are outstanding again: their device may
+        # resend. Kept ones are folded again, whatever the snapshot said.
         for t in tasks:
-            if t.cid not in self.outstanding and t.task_id not in self.accepted_before:
+            if t.task_id in kept:
+                if self.outstanding.get(t.cid) == t.task_id:
+                    del self.outstanding[t.cid]
+            elif t.cid not in self.outstanding and t.task_id not in self.accepted_before:
                 self.outstanding[t.cid] = t.task_id
         self._in_round = set(snap.get("in_round", []))
-        self.acknowledged = {str(t) for t in snap.get("acknowledged", []) if t in self.tasks}
+        self.acknowledged = {
+            str(t) for t in snap.get("acknowledged", []) if t in self.tasks and t not in kept
+        }
         self.deadline = snap.get("deadline")
         self.started_at = snap.get("started_at")
         self.state = RoundState.COLLECTING
         self.stats = RoundStats(selected=len(tasks))
+        self.accepted_now = set(kept)
+        self.stats.participants = len(kept)
+        self.stats.losses = [loss for loss in kept.values() if loss is not None]
         assert self.deadline is not None
-        return [StartRound(self.round_no, self.model_version, float(self.deadline))]
+        commands: list[Command] = [StartRound(self.round_no, self.model_version, self.deadline)]
+        if self.stats.participants >= self.settings.clients_per_round:
+            commands += self._close_at_target()
+        return commands
 
     # -- dispatch ----------------------------------------------------------------------------
 
@@ -795,13 +819,16 @@ class RoundMachine:
                 return [Aggregate(self.round_no, "buffer")]
             return []
         if self.stats.participants >= self.settings.clients_per_round:
-            self.state = RoundState.AGGREGATING
-            commands: list[Command] = []
-            for cid, task_id in sorted(self.outstanding.items()):
-                commands.append(DropDevice(cid, task_id, "round_complete"))
-            self.outstanding.clear()
-            return [*commands, Aggregate(self.round_no, "target")]
+            return self._close_at_target()
         return []
+
+    def _close_at_target(self) -> list[Command]:
+        self.state = RoundState.AGGREGATING
+        commands: list[Command] = []
+        for cid, task_id in sorted(self.outstanding.items()):
+            commands.append(DropDevice(cid, task_id, "round_complete"))
+        self.outstanding.clear()
+        return [*commands, Aggregate(self.round_no, "target")]
 
     def _count_rejected(self, reason: str) -> None:
         if self.state is RoundState.IDLE and self.settings.mode == "sync":

@@ -8,6 +8,9 @@ This module owns the schema and the only two writes that matter for recovery:
   so a published version is always on disk and the version number never goes backwards.
 - :meth:`Store.save_open_round` records the issued tasks of the round in progress, so a
   restarted coordinator reopens the same round with the same task ids and deadline.
+- :meth:`Store.save_folded` keeps each update folded into the open round (its envelope as
+  received), so a restarted coordinator folds them in again instead of asking their devices
+  to train once more. Closing the round (checkpoint or abandon) deletes them.
 
 After ``kill -9`` at any point, :meth:`Store.latest_model` and :meth:`Store.open_round` give
 the state to resume from; a task id in ``accepted_tasks`` is never counted again.
@@ -55,6 +58,14 @@ CREATE TABLE IF NOT EXISTS open_round (
     round_no  INTEGER NOT NULL,
     snapshot  TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS folded_updates (
+    seq       INTEGER PRIMARY KEY AUTOINCREMENT,
+    task_id   TEXT NOT NULL UNIQUE,
+    round_no  INTEGER NOT NULL,
+    cid       TEXT NOT NULL,
+    meta      TEXT NOT NULL,
+    envelope  BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS meta (
     key       TEXT PRIMARY KEY,
     value     TEXT NOT NULL
@@ -84,6 +95,16 @@ class StoredModel:
     round_no: int
     envelope: bytes
     state: dict[str, npt.NDArray[np.float32]]
+
+
+@dataclass(frozen=True, slots=True)
+class FoldedUpdate:
+    """An update folded into the open round, as :meth:`Store.save_folded` kept it."""
+
+    task_id: str
+    cid: str
+    meta: dict[str, Any]
+    envelope: bytes
 
 
 class Store:
@@ -199,6 +220,7 @@ class Store:
                     (round_no, outcome, json.dumps(dict(record), default=_json_default)),
                 )
             db.execute("DELETE FROM open_round")
+            db.execute("DELETE FROM folded_updates WHERE round_no <= ?", (round_no,))
             if self.keep_models > 0:
                 cutoff = version - self.keep_models
                 db.execute("DELETE FROM models WHERE version <= ?", (cutoff,))
@@ -220,6 +242,7 @@ class Store:
             (round_no, outcome, json.dumps(dict(record), default=_json_default)),
         )
         db.execute("DELETE FROM open_round")
+        db.execute("DELETE FROM folded_updates WHERE round_no <= ?", (round_no,))
         db.execute("COMMIT")
 
     def save_open_round(self, round_no: int, snapshot: Mapping[str, Any]) -> None:
@@ -228,6 +251,30 @@ class Store:
             "INSERT OR REPLACE INTO open_round (id, round_no, snapshot) VALUES (1, ?, ?)",
             (round_no, json.dumps(dict(snapshot), default=_json_default)),
         )
+
+    def save_folded(
+        self, round_no: int, task_id: str, cid: str, meta: Mapping[str, Any], envelope: bytes
+    ) -> None:
+        """Keep an update folded into the open round: its envelope as received and ``meta``
+        (what the fold took from outside the envelope). Raises :class:`StoreError` when the
+        task id is stored already."""
+        try:
+            self._db.execute(
+                "INSERT INTO folded_updates (task_id, round_no, cid, meta, envelope) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (task_id, round_no, cid, json.dumps(dict(meta), default=_json_default), envelope),
+            )
+        except sqlite3.IntegrityError as exc:
+            raise StoreError(f"update of task {task_id} is stored already: {exc}") from None
+
+    def drop_folded(self, before_round: int | None = None, task_ids: Iterable[str] = ()) -> None:
+        """Forget kept updates of rounds before ``before_round`` and those of ``task_ids``."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        if before_round is not None:
+            db.execute("DELETE FROM folded_updates WHERE round_no < ?", (before_round,))
+        db.executemany("DELETE FROM folded_updates WHERE task_id = ?", [(t,) for t in task_ids])
+        db.execute("COMMIT")
 
     def set_meta(self, key: str, value: str) -> None:
         self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
@@ -257,6 +304,17 @@ class Store:
     def open_round(self) -> dict[str, Any] | None:
         row = self._db.execute("SELECT snapshot FROM open_round WHERE id = 1").fetchone()
         return None if row is None else dict(json.loads(row[0]))
+
+    def folded(self, round_no: int) -> list[FoldedUpdate]:
+        """The updates kept for round ``round_no``, in the order they were folded."""
+        return [
+            FoldedUpdate(str(t), str(c), dict(json.loads(m)), bytes(e))
+            for t, c, m, e in self._db.execute(
+                "SELECT task_id, cid, meta, envelope FROM folded_updates WHERE round_no = ? "
+                "ORDER BY seq",
+                (round_no,),
+            )
+        ]
 
     def accepted_task_ids(self, since_round: int = 0) -> set[str]:
         return {
@@ -299,4 +357,4 @@ def _json_default(obj: object) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
-__all__ = ["NotAStateDatabaseError", "Store", "StoreError", "StoredModel"]
+__all__ = ["FoldedUpdate", "NotAStateDatabaseError", "Store", "StoreError", "StoredModel"]

@@ -1,15 +1,21 @@
-"""A clean stop of the coordinator keeps what it learnt since its last tick (in-memory broker)."""
+"""A stopped coordinator keeps what it learnt: acknowledgements since its last tick and the
+updates folded into the open round (in-memory broker)."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
-from edge.transport import InMemoryBroker, InMemoryTransport
-from edge.wire import Status, Topics, TrainTask
+import numpy as np
+
+from edge.modelio import encode_update, unpack_model
+from edge.transport import InMemoryBroker, InMemoryTransport, publish_chunked
+from edge.wire import GlobalModel, ModelUpdate, Status, Topics, TrainTask
 from server_stub.config import config_from_dict
 from server_stub.coordinator import Coordinator
+from server_stub.rounds import RoundState
 from server_stub.store import Store
 from tests.test_coordinator_e2e import FLEET, make_config, status
 
@@ -57,3 +63,114 @@ def test_clean_stop_stores_the_acknowledgements_seen_since_the_last_tick(tmp_pat
         # Assert
         saved = store.open_round()
     assert saved is not None and saved["acknowledged"] == [task.task_id]
+
+
+def _upload(
+    device: InMemoryTransport,
+    cid: str,
+    task: TrainTask,
+    weights: Mapping[str, np.ndarray],
+    seed: int,
+) -> None:
+    """Publish ``cid``'s update for ``task``: a pseudo-random delta fixed by ``seed``."""
+    rng = np.random.default_rng(seed)
+    delta = {k: rng.normal(0.0, 0.01, v.shape).astype(np.float32) for k, v in weights.items()}
+    specs, payloads = encode_update(delta, task.uplink_codec)
+    update = ModelUpdate(
+        task_id=task.task_id,
+        round_no=task.round_no,
+        model_version=task.model_version,
+        cid=cid,
+        num_examples=90 + seed,
+        tensors=specs,
+        payloads=payloads,
+        metrics={"loss": 1.0 + seed},
+        nonce=task.nonce,
+    )
+    publish_chunked(device, Topics(FLEET).update(cid), update.to_bytes(), chunk_size=4096)
+
+
+def _round_of_two(tmp_path: Path, *, restart: bool) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Round 1 of two devices; pi-00 uploads first, then (``restart``) the coordinator stops
+    and a new one opens the same store, then pi-01 uploads. Returns the new model and the
+    task ids each device was sent."""
+    broker = InMemoryBroker()
+    raw = make_config("mqtt://127.0.0.1:1883", tmp_path / "c.db", clients_per_round=2)
+    raw["rounds"]["deadline_s"] = 300.0
+    raw.update(tick_s=60.0, startup_grace_s=0.0)
+    config = config_from_dict(raw)
+    layout, weights = config.layout_and_weights()
+    topics = Topics(FLEET)
+    devices = {cid: broker.connect(cid) for cid in ("pi-00", "pi-01")}
+    for cid, dev in devices.items():
+        dev.subscribe(topics.task(cid))
+        dev.publish(topics.status(cid), status(100).to_bytes(), retain=True)
+    store = Store(tmp_path / "c.db")
+
+    def coordinator() -> tuple[Coordinator, InMemoryTransport]:
+        transport = broker.connect("coord")
+        coord = Coordinator(
+            config, transport, store, layout=layout, initial_weights=weights, clock=lambda: NOW
+        )
+        return coord, transport
+
+    coord, transport = coordinator()
+    coord.start()
+    _deliver(coord, transport)
+    coord.tick(NOW)  # round 1 starts: one task each
+    tasks: dict[str, TrainTask] = {}
+    for cid, dev in devices.items():
+        msg = dev.receive(1.0)
+        assert msg is not None
+        tasks[cid] = TrainTask.from_bytes(msg.payload)
+    # pi-00 takes its task (status names it), uploads, and is idle again, as the agent does.
+    dev0 = devices["pi-00"]
+    training = replace(status(100), state="training", task_id=tasks["pi-00"].task_id)
+    dev0.publish(topics.status("pi-00"), training.to_bytes(), retain=True)
+    _upload(dev0, "pi-00", tasks["pi-00"], weights, seed=0)
+    dev0.publish(topics.status("pi-00"), status(100).to_bytes(), retain=True)
+    _deliver(coord, transport)
+    assert coord.machine.stats.participants == 1
+    done = threading.Event()
+    if restart:
+        stopped = threading.Event()
+        stopped.set()
+        coord.run(stopped)  # a clean stop (closes the transport; the store stays open)
+        coord, transport = coordinator()
+        assert coord.machine.state is RoundState.COLLECTING
+        assert coord.machine.stats.participants == 1  # pi-00's update is kept
+    runner = threading.Thread(target=coord.run, args=(done,), kwargs={"max_rounds": 1})
+    runner.start()
+    _upload(devices["pi-01"], "pi-01", tasks["pi-01"], weights, seed=1)
+    runner.join(30.0)
+    done.set()
+    runner.join(5.0)
+    assert not runner.is_alive()
+    sent = [t.task_id for t in tasks.values()]
+    for cid, dev in devices.items():
+        while (msg := dev.receive(0.0)) is not None:
+            sent.append(f"{cid}:{TrainTask.from_bytes(msg.payload).task_id}")
+    rounds = store.rounds()
+    stored = store.latest_model()
+    accepted = store.accepted_tasks()
+    store.close()
+    assert [(r["round"], r["outcome"], r["participants"]) for r in rounds] == [(1, "aggregated", 2)]
+    assert sorted(t for t, _r, _c in accepted) == sorted(t.task_id for t in tasks.values())
+    assert stored is not None and stored.version == 1
+    return unpack_model(GlobalModel.from_bytes(stored.envelope)), sent
+
+
+def test_updates_folded_before_a_restart_are_folded_again_not_asked_again(
+    tmp_path: Path,
+) -> None:
+    # Execute: the same round, once straight through and once with a coordinator restart
+    # between the two uploads.
+    straight, sent_straight = _round_of_two(tmp_path / "straight", restart=False)
+    resumed, sent_resumed = _round_of_two(tmp_path / "resumed", restart=True)
+    # Assert: nobody was asked to train again (pi-00's idle status after its upload does not
+    # make its task lost: the update is kept), and the model is the same, bit for bit (the
+    # kept update is folded in again first, in the order it arrived).
+    assert len(sent_resumed) == len(sent_straight) == 2
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        np.testing.assert_array_equal(straight[name], resumed[name])

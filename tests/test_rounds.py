@@ -464,6 +464,51 @@ def test_restore_keeps_acknowledgements_and_reissues_lost_folded_update() -> Non
     assert m2.stats.participants == 2
 
 
+def test_restore_counts_kept_updates_as_folded() -> None:
+    m = machine()
+    sent = started(m, views("a", "b"))
+    for s in sent.values():
+        acked(m, s)
+    fold(m, sent["a"])  # folded and kept by the coordinator's store
+    snap = m.snapshot()
+    m2 = machine()
+    kept = {sent["a"].task.task_id: 0.5}
+    assert m2.restore(snap, kept) == [StartRound(1, 0, 10.0)]
+    assert m2.stats.participants == 1 and m2.stats.losses == [0.5]
+    assert m2.outstanding == {"b": sent["b"].task.task_id}
+    # "a" is idle after its upload: its task is not lost, and a redelivery is a duplicate.
+    assert m2.handle(TaskStatus("a", None, 2.0)) == []
+    assert receive(m2, sent["a"])[0] == RejectUpdate("a", sent["a"].task.task_id, "duplicate")
+    assert tasks(m2.handle(Tick(2.0, views("a", "b")))) == []  # nobody asked again
+    assert fold(m2, sent["b"]) == [Aggregate(1, "target")]
+    assert m2.stats.participants == 2
+
+
+def test_restore_with_every_update_kept_aggregates_at_once() -> None:
+    m = machine()
+    sent = started(m, views("a", "b"))
+    snap = m.snapshot()  # the crash came after the last fold, before the checkpoint
+    m2 = machine()
+    kept: dict[str, float | None] = {s.task.task_id: None for s in sent.values()}
+    assert m2.restore(snap, kept) == [StartRound(1, 0, 10.0), Aggregate(1, "target")]
+    assert m2.state is RoundState.AGGREGATING and m2.stats.losses == []
+
+
+def test_restore_ignores_kept_updates_of_other_or_counted_tasks() -> None:
+    m = machine()
+    sent = started(m, views("a", "b"))
+    snap = m.snapshot()
+    m2 = RoundMachine(
+        RoundSettings(clients_per_round=2, over_selection=1.0, deadline_s=10.0),
+        RandomSelector(),
+        np.random.default_rng(1),
+        accepted_task_ids=(sent["a"].task.task_id,),
+    )
+    kept = {sent["a"].task.task_id: 1.0, "r1-unknown": 1.0}
+    assert m2.restore(snap, kept) == [StartRound(1, 0, 10.0)]
+    assert m2.stats.participants == 0
+
+
 def test_restore_of_a_snapshot_without_acknowledgements_waits() -> None:
     m = machine()
     sent = started(m, views("a", "b"))

@@ -37,6 +37,30 @@ def test_checkpoint_and_resume(tmp_path: Path) -> None:
         assert store.last_round_no() == 2
 
 
+def test_folded_updates_are_kept_in_order_until_their_round_closes(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.db") as store:
+        store.save_folded(1, "t2", "b", {"loss": 0.5}, b"env-b")
+        store.save_folded(1, "t1", "a", {"loss": None}, b"env-a")
+        store.save_folded(2, "t3", "c", {}, b"env-c")
+        with pytest.raises(StoreError, match="stored already"):
+            store.save_folded(1, "t1", "a", {}, b"again")
+    with Store(tmp_path / "s.db") as store:  # they survive a restart, in fold order
+        kept = store.folded(1)
+        assert [(k.task_id, k.cid, k.meta, k.envelope) for k in kept] == [
+            ("t2", "b", {"loss": 0.5}, b"env-b"),
+            ("t1", "a", {"loss": None}, b"env-a"),
+        ]
+        store.drop_folded(task_ids=["t2"])
+        assert [k.task_id for k in store.folded(1)] == ["t1"]
+        checkpoint(store, 1, [("t1", "a")])  # round 1 closes: its kept updates go
+        assert store.folded(1) == [] and [k.task_id for k in store.folded(2)] == ["t3"]
+        store.record_round(2, "abandoned", {"round": 2})
+        assert store.folded(2) == []
+        store.save_folded(3, "t4", "a", {}, b"env")
+        store.drop_folded(before_round=4)
+        assert store.folded(3) == []
+
+
 def test_wal_mode(tmp_path: Path) -> None:
     with Store(tmp_path / "s.db") as store:
         assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

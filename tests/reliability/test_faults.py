@@ -223,8 +223,9 @@ def test_coordinator_sigkill_at_each_stage_resumes(
     if stage in ("after_send_tasks", "after_fold", "before_checkpoint"):
         assert "resuming open round 2" in second.log
     # Every round is logged exactly once and aggregated with all three devices, round 2
-    # included: a device whose update died with the first process (folded or queued, never
-    # checkpointed) shows it is idle after the restart, so its acknowledged task is lost and
+    # included. Updates folded before the crash were kept in the store and are folded in
+    # again. A device whose update died with the first process (taken off the broker but not
+    # yet folded) shows it is idle after the restart, so its acknowledged task is lost and
     # it gets a fresh task of round 2 (new id, same model version) instead of the round
     # waiting out its deadline. Nothing is counted twice (the audit above).
     # rounds_total counts the rounds of both runs: the second stops once round 3 is done.
@@ -236,6 +237,12 @@ def test_coordinator_sigkill_at_each_stage_resumes(
     # before the SIGKILL (an unacknowledged one is redelivered and counted on its own task);
     # each lost one was asked again exactly once.
     assert round2["replaced"] == round2["lost"] <= 3
+    if stage == "after_fold":  # the first update was kept: at most the other two are lost
+        assert "1 update(s) folded before the restart are kept" in second.log
+        assert round2["lost"] <= 2
+    if stage == "before_checkpoint":  # all three were kept: the round closes at once
+        assert "3 update(s) folded before the restart are kept" in second.log
+        assert round2["lost"] == 0
     assert round2["timed_out"] == 0
     assert after.model_version == len(after.rounds)
     assert accuracy_of(after.model_envelope, test) > 0.6
