@@ -37,7 +37,7 @@ from server_stub.coordinator import (
     mqtt_transport_for,
 )
 from server_stub.metrics import CoordinatorMetrics
-from server_stub.store import NotAStateDatabaseError, Store, StoreError
+from server_stub.store import NotAStateDatabaseError, Store, StoreError, StoreInUseError
 from server_stub.strategies import StrategyError
 
 logger = logging.getLogger("server_stub")
@@ -104,6 +104,8 @@ def _run(
         store = Store(config.state_db)
     except NotAStateDatabaseError as exc:
         raise StartupError(f"{exc}; move it away or point [state] db elsewhere") from None
+    except StoreInUseError as exc:
+        raise StartupError(str(exc)) from None
     except StoreError as exc:
         raise StartupError(f"{exc}; fix its permissions or point [state] db elsewhere") from None
     with store:

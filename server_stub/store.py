@@ -19,13 +19,15 @@ Server state vectors are stored as raw little-endian float32 bytes (never pickle
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -77,6 +79,10 @@ class StoreError(RuntimeError):
     """The state database is unusable or inconsistent with the request."""
 
 
+class StoreInUseError(StoreError):
+    """Another process (a second coordinator) has the state db open."""
+
+
 class NotAStateDatabaseError(StoreError):
     """The file at the store's path is not a fedge state database (garbage, truncated, a
     folder, another program's database). Nothing was written to it."""
@@ -110,19 +116,35 @@ class FoldedUpdate:
 class Store:
     """The coordinator's SQLite state. One writer (the coordinator loop); not thread-safe."""
 
-    def __init__(self, path: str | Path, *, keep_models: int = 5) -> None:
+    def __init__(self, path: str | Path, *, keep_models: int = 5, read_only: bool = False) -> None:
         """Open (or create) the database at ``path``.
+
+        ``read_only`` opens an existing database for reading only, without its lock, so a
+        running coordinator's state can be inspected; every write then fails.
 
         Raises
         ------
         NotAStateDatabaseError
             The file is not an SQLite database, is damaged, is a folder, or holds another
             program's tables. It is checked before anything is written, so it is left as it was.
+        StoreInUseError
+            Another process has the database open (two coordinators on one state db would
+            overwrite each other's rounds).
         StoreError
             The database cannot be opened or written (permissions, locked, disk full).
         """
         self.path = str(path)
         self.keep_models = keep_models
+        self._lock: BinaryIO | None = None
+        lock_is_new = False
+        if read_only:
+            try:
+                uri = Path(self.path).absolute().as_uri() + "?mode=ro"
+                self._db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+                self._check_existing()
+            except sqlite3.Error as exc:
+                raise StoreError(f"state db {self.path} cannot be read ({exc})") from None
+            return
         if self.path != ":memory:":
             if Path(self.path).is_dir():
                 raise NotAStateDatabaseError(self.path, "it is a folder")
@@ -130,9 +152,12 @@ class Store:
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise StoreError(f"state db {self.path} cannot be created ({exc})") from None
+            lock_is_new = not Path(f"{self.path}.lock").exists()
+            self._lock = _lock_beside(self.path)
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
+            self._release(lock_is_new)
             raise StoreError(f"state db {self.path} cannot be opened ({exc})") from None
         try:
             self._check_existing()
@@ -142,13 +167,22 @@ class Store:
             self._db.executescript(_SCHEMA)
         except StoreError:
             self._db.close()
+            self._release(lock_is_new)
             raise
         except sqlite3.OperationalError as exc:  # locked, read-only, I/O: the file may be fine
             self._db.close()
+            self._release(lock_is_new)
             raise StoreError(f"state db {self.path} cannot be opened ({exc})") from None
         except sqlite3.DatabaseError as exc:  # "file is not a database", "malformed"
             self._db.close()
+            self._release(lock_is_new)
             raise NotAStateDatabaseError(self.path, str(exc)) from None
+
+    def _release(self, lock_is_new: bool) -> None:
+        """Unlock after a failed open, leaving the folder as it was (no new lock file)."""
+        if lock_is_new:
+            Path(f"{self.path}.lock").unlink(missing_ok=True)
+        self._unlock()
 
     def _check_existing(self) -> None:
         """Refuse a database that is not ours or is damaged, before writing anything to it."""
@@ -167,6 +201,12 @@ class Store:
 
     def close(self) -> None:
         self._db.close()
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the file releases the lock
+            self._lock = None
 
     def __enter__(self) -> Store:
         return self
@@ -351,10 +391,46 @@ class Store:
         return out
 
 
+def _lock_beside(path: str) -> BinaryIO:
+    """Take the exclusive lock ``<path>.lock`` for this process, or raise StoreInUseError.
+
+    An advisory ``flock``: the kernel releases it when the process ends, however it ends, so
+    a coordinator killed with ``kill -9`` leaves no stale lock behind. The file holds the
+    owner's process id for the message.
+    """
+    lock_path = f"{path}.lock"
+    try:
+        lock = open(lock_path, "a+b")  # noqa: SIM115 - kept open as the lock
+    except OSError as exc:
+        raise StoreError(f"state db lock {lock_path} cannot be created ({exc})") from None
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        owner = lock.read(32).decode("ascii", "replace").strip() or "unknown"
+        lock.close()
+        raise StoreInUseError(
+            f"state db {path} is in use by another process (pid {owner}, lock {lock_path}): "
+            "two coordinators on one state db would overwrite each other's rounds; stop the "
+            "other one, or give this one its own [state] db"
+        ) from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n".encode())
+    lock.flush()
+    return lock
+
+
 def _json_default(obj: object) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
-__all__ = ["FoldedUpdate", "NotAStateDatabaseError", "Store", "StoreError", "StoredModel"]
+__all__ = [
+    "FoldedUpdate",
+    "NotAStateDatabaseError",
+    "Store",
+    "StoreError",
+    "StoreInUseError",
+    "StoredModel",
+]

@@ -284,6 +284,24 @@ def test_unusable_state_db_exits_2_and_is_left_alone(
     assert (db.read_bytes() if db.is_file() else None) == before
 
 
+def test_state_db_in_use_by_another_coordinator_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], dead_broker: str
+) -> None:
+    # Prepare: another coordinator (here: this process) has the state db open
+    db = tmp_path / "coordinator.db"
+    path = edited(tmp_path, 'url = "mqtt://127.0.0.1:1883"', dead_broker)
+    with Store(db):
+        before = db.read_bytes()
+        # Execute
+        code, err = run_main(path, capsys)
+        # Assert
+        assert code == 2
+        assert err.startswith(f"fedge coordinator: state db {db} is in use by another process")
+        assert err.rstrip().endswith("stop the other one, or give this one its own [state] db")
+        assert err.count("\n") == 1
+        assert db.read_bytes() == before
+
+
 def _checkpoint_example_model(store: Store) -> None:
     """Store version 0 of the example config's model (hidden = [32]) as the checkpoint."""
     _layout, weights = load_config(EXAMPLE).layout_and_weights()

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from server_stub.store import NotAStateDatabaseError, Store, StoreError
+from server_stub.store import NotAStateDatabaseError, Store, StoreError, StoreInUseError
 
 
 def checkpoint(store: Store, version: int, accepted: list[tuple[str, str]]) -> None:
@@ -59,6 +63,55 @@ def test_folded_updates_are_kept_in_order_until_their_round_closes(tmp_path: Pat
         store.save_folded(3, "t4", "a", {}, b"env")
         store.drop_folded(before_round=4)
         assert store.folded(3) == []
+
+
+def test_a_second_store_on_one_db_is_refused_until_the_first_closes(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    with Store(db) as store:
+        checkpoint(store, 1, [("t1", "a")])
+        with pytest.raises(
+            StoreInUseError, match=rf"in use by another process \(pid {os.getpid()},"
+        ):
+            Store(db)
+        assert store.latest_model() is not None  # the first one is unaffected
+    with Store(db) as store:
+        assert store.accepted_task_ids() == {"t1"}
+
+
+def test_read_only_store_reads_while_the_coordinator_holds_the_lock(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    with Store(db) as store:
+        checkpoint(store, 1, [("t1", "a")])
+        with Store(db, read_only=True) as reader:
+            assert reader.accepted_task_ids() == {"t1"}
+            with pytest.raises(sqlite3.OperationalError, match="readonly"):
+                reader.set_meta("k", "v")
+    with pytest.raises(StoreError, match="cannot be read"):
+        Store(tmp_path / "missing.db", read_only=True)
+    assert not (tmp_path / "missing.db").exists()
+
+
+def test_the_lock_of_a_killed_process_is_released(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    code = (
+        "import sys, time; from server_stub.store import Store; "
+        f"s = Store({str(db)!r}); print('open', flush=True); time.sleep(60)"
+    )
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=root, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"open\n"
+        with pytest.raises(StoreInUseError, match=f"pid {proc.pid},"):
+            Store(db)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        with Store(db) as store:  # kill -9 leaves no stale lock
+            assert store.latest_model() is None
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
 
 
 def test_wal_mode(tmp_path: Path) -> None:

@@ -605,7 +605,7 @@ def audit_store(db: str | os.PathLike[str]) -> StoreAudit:
     - model versions of the round log never go backwards and rise by one per aggregation;
     - the newest stored model's version equals the number of aggregated rounds.
     """
-    with Store(Path(db)) as store:
+    with Store(Path(db), read_only=True) as store:
         rounds = [r for r in store.rounds() if r["round"] > 0]
         accepted = store.accepted_tasks()
         latest = store.latest_model()
