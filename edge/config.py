@@ -4,8 +4,8 @@
 commented) and raises :class:`ConfigError` naming the file, the key and the fix for anything
 wrong; the objects it returns are valid by construction. Command-line flags override the
 file through :func:`apply_overrides` (the same validation runs again). Nothing here connects,
-reads data or imports paho (it only looks whether ``state_dir`` is a folder):
-``edge.agent_main`` turns the config into running objects.
+reads data or imports paho (it only looks whether ``state_dir`` is a folder and whether the
+TLS files can be read): ``edge.agent_main`` turns the config into running objects.
 """
 
 from __future__ import annotations
@@ -46,6 +46,26 @@ def _fail(key: str, message: str) -> ConfigError:
     return ConfigError(f"{key}: {message}")
 
 
+def _need_readable_file(key: str, path: Path | None, what: str) -> None:
+    """Refuse a file the agent reads later (None: not configured).
+
+    Checked at load time because later, at connect time, a missing CA or key file is only a
+    vague TLS error in a reconnect loop that never ends.
+    """
+    if path is None:
+        return
+    if path.is_dir():
+        raise _fail(key, f"{path} is a folder, not {what}; fix the path")
+    if not path.exists():
+        raise _fail(key, f"{path} does not exist; put {what} there or fix the path")
+    if not os.access(path, os.R_OK):
+        raise _fail(
+            key,
+            f"{path} is not readable by this user; let the agent's user read it "
+            "(chown/chmod) or fix the path",
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class BrokerSettings:
     """How to reach the MQTT broker (``[broker]``)."""
@@ -75,6 +95,9 @@ class BrokerSettings:
             raise _fail("broker.url", "must not carry credentials; use username and password_file")
         if (self.cert_file is None) != (self.key_file is None):
             raise _fail("broker.cert_file", "cert_file and key_file go together (mutual TLS)")
+        _need_readable_file("broker.ca_file", self.ca_file, "the CA certificate of the broker")
+        _need_readable_file("broker.cert_file", self.cert_file, "the client certificate")
+        _need_readable_file("broker.key_file", self.key_file, "the client certificate's key")
         if self.password_file is not None and self.username is None:
             raise _fail("broker.password_file", "a password needs broker.username")
         if not 5 <= self.keepalive_s <= 3600:

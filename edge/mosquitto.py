@@ -254,6 +254,12 @@ class MosquittoBroker:
     def pid(self) -> int | None:
         return None if self._proc is None else self._proc.pid
 
+    @property
+    def returncode(self) -> int | None:
+        """How the process ended by itself (negative: killed by that signal); None while it
+        runs, and after :meth:`stop`."""
+        return None if self._proc is None else self._proc.poll()
+
     def start(self, timeout: float = 10.0) -> MosquittoBroker:
         """Write the config, start mosquitto, and wait until the port accepts connections."""
         if self.running:

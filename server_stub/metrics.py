@@ -4,6 +4,12 @@ Owns :class:`CoordinatorMetrics`. Each coordinator has its own
 ``prometheus_client.CollectorRegistry`` (several coordinators may live in one process, e.g.
 in tests), exported over HTTP only when a port is configured. ``prometheus-client`` is an
 optional dependency (``fedge[server]``): without it the metrics are counted in memory only.
+
+``fedge_model_accuracy`` is NaN until a round is evaluated on held-out data (never, without
+``[evaluation] data``): a gauge that was never set exports 0, which reads as a model that is
+always wrong. NaN is how the exposition format says "no value" (summary quantiles without
+observations export it too); comparisons with NaN are false, so an alert such as
+``fedge_model_accuracy < 0.8`` does not fire on a coordinator that does not evaluate.
 """
 
 from __future__ import annotations
@@ -66,7 +72,12 @@ class CoordinatorMetrics:
         )
         self.online = prom.Gauge("fedge_devices_online", "Devices online", registry=reg)
         self.eligible = prom.Gauge("fedge_devices_eligible", "Devices eligible", registry=reg)
-        self.accuracy = prom.Gauge("fedge_model_accuracy", "Held-out accuracy", registry=reg)
+        self.accuracy = prom.Gauge(
+            "fedge_model_accuracy",
+            "Held-out accuracy of the last evaluated model; NaN before the first evaluation",
+            registry=reg,
+        )
+        self.accuracy.set(math.nan)  # not 0: see the module docstring
         self.http_port: int | None = None
         if port is not None:
             server, _thread = prom.start_http_server(port, addr=addr, registry=reg)

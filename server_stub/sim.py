@@ -43,6 +43,8 @@ import numpy as np
 from server_stub import report
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from edge.embedded_broker import EmbeddedBroker
     from edge.mosquitto import MosquittoBroker
 
@@ -56,6 +58,8 @@ class SimError(RuntimeError):
     """The simulation could not run (bad option, broker or worker failure)."""
 
     exit_code = 1
+    result: SimResult | None = None
+    """What the failed run did (rounds completed so far); set by :func:`run_sim`."""
 
 
 class SimUsageError(SimError):
@@ -434,27 +438,58 @@ def _stop_workers(
             proc.wait()
 
 
+def _how_it_ended(code: int) -> str:
+    """``exited with code 3`` or ``was killed by SIGKILL`` for a process's return code."""
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        return f"was killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"was killed by signal {-code}"
+
+
+def _log_ends(text: str) -> str:
+    """``; its log ends:`` and the last lines of ``text``, or nothing for an empty log."""
+    tail = text[-3000:].strip()
+    return f"; its log ends:\n{tail}" if tail else ""
+
+
 def _check_workers(procs: Sequence[tuple[subprocess.Popen[bytes], Path]]) -> None:
     """Fail the run if a worker exited: they run until the simulator stops them."""
     for w, (proc, log) in enumerate(procs):
         code = proc.poll()
         if code is None:
             continue
-        if code < 0:
-            try:
-                how = f"was killed by {signal.Signals(-code).name}"
-            except ValueError:
-                how = f"was killed by signal {-code}"
-        else:
-            how = f"exited with code {code}"
         try:
-            tail = log.read_text(errors="replace")[-3000:].strip()
+            text = log.read_text(errors="replace")
         except OSError:
-            tail = ""
+            text = ""
         raise SimError(
-            f"device worker {w} (pid {proc.pid}) {how} before the run ended; "
-            f"its devices are gone" + (f"; its log ends:\n{tail}" if tail else "")
+            f"device worker {w} (pid {proc.pid}) {_how_it_ended(code)} before the run ended; "
+            f"its devices are gone" + _log_ends(text)
         )
+
+
+def _check_broker(broker: MosquittoBroker | EmbeddedBroker | None) -> None:
+    """Fail the run if the private broker stopped: without it no round can finish.
+
+    The coordinator and the agents would only see a lost connection and keep trying to
+    reconnect, so the run would otherwise wait for ever.
+    """
+    if broker is None or broker.running:
+        return
+    from edge.mosquitto import MosquittoBroker
+
+    if isinstance(broker, MosquittoBroker):
+        code = broker.returncode
+        how = "stopped" if code is None else _how_it_ended(code)
+        what = f"mosquitto, pid {broker.pid}"
+    else:
+        how, what = "stopped", "embedded amqtt broker"
+    raise SimError(
+        f"the private broker ({what}) {how} during the run; the coordinator and the devices "
+        "lost their connection" + _log_ends(broker.log_text())
+    )
 
 
 def _raise_fd_limit(needed: int) -> None:
@@ -663,6 +698,8 @@ def run_sim(
                     )
                     while not stop.is_set() or not records.empty():
                         if not stop.is_set():
+                            # The broker first: its loss can make a worker exit too.
+                            _check_broker(broker)
                             _check_workers(procs)
                         try:
                             record = records.get(timeout=0.2)
@@ -673,13 +710,20 @@ def run_sim(
                         if on_round is not None:
                             on_round(record)
                     if failure:
+                        _check_broker(broker)  # the cause, when the coordinator lost it
                         raise SimError(f"the coordinator failed: {failure[0]!r}") from failure[0]
                 finally:
                     signals.defer()
                     stop.set()
+                    # Without the private broker, publishes wait for acknowledgements that
+                    # cannot come: the coordinator's connection is closed to end its wait,
+                    # and the workers, whose agents cannot say goodbye, get a short grace.
+                    broker_lost = broker is not None and not broker.running
                     if coordinator_thread is not None:
+                        if broker_lost:
+                            coordinator.transport.close()
                         coordinator_thread.join(timeout=15)
-                    _stop_workers(procs)
+                    _stop_workers(procs, timeout=2.0 if broker_lost else 10.0)
                     if broker is not None:
                         broker.stop()
                     elif cfg.broker is not None and (coordinator_thread is not None or procs):
@@ -697,7 +741,7 @@ def run_sim(
             result.totals = report.totals(result.rounds, cfg.target_accuracy)
             result.totals["wall_s"] = result.wall_s
             return result
-    except SimInterrupted as exc:
+    except (SimInterrupted, SimError) as exc:
         exc.result = result
         raise
 
@@ -991,10 +1035,10 @@ def main(args: argparse.Namespace) -> int:
                 created_out = _prepare_out(cfg.out)
         result = run_sim(cfg, show_progress=not args.quiet)
     except SimError as exc:
-        if created_out and cfg.out:
-            _remove_if_empty(Path(cfg.out))
         # One line (no wrapping at the terminal's width), on stderr as argparse's errors.
         Console(stderr=True).print(f"fedge sim: {exc}", style="red", soft_wrap=True, markup=False)
+        error = str(exc).splitlines()[0]  # without the log tail that may follow
+        _write_partial_outputs(console, cfg, exc.result, created_out, error=error)
         return exc.exit_code
     except KeyboardInterrupt as exc:
         signum = int(signal.SIGINT)
@@ -1007,23 +1051,43 @@ def main(args: argparse.Namespace) -> int:
             else f"stopped by {signal.Signals(signum).name}"
         )
         console.print(f"[yellow]fedge sim: {what}; everything it started is stopped[/yellow]")
-        rounds = partial.rounds if partial is not None else []
-        if cfg.out and partial is not None and rounds:
-            totals = report.totals(rounds, cfg.target_accuracy)
-            totals["interrupted"] = True
-            written = _write_outputs(Path(cfg.out), cfg, partial.fleet, rounds, totals)
-            console.print(
-                f"wrote {' and '.join(map(str, written))} "
-                f"({_plural(len(rounds), 'completed round')})"
-            )
-        elif created_out and cfg.out:
-            _remove_if_empty(Path(cfg.out))
+        _write_partial_outputs(console, cfg, partial, created_out)
         return 128 + signum
     console.print(report.summary_table(result.totals, result.wall_s))
     if cfg.out:
         written = _write_outputs(Path(cfg.out), cfg, result.fleet, result.rounds, result.totals)
         console.print(f"wrote {' and '.join(map(str, written))}")
     return 0
+
+
+def _write_partial_outputs(
+    console: Console,
+    cfg: SimConfig,
+    partial: SimResult | None,
+    created_out: bool,
+    *,
+    error: str | None = None,
+) -> None:
+    """After a run that stopped early, write ``--out`` for the rounds it completed.
+
+    ``totals`` says ``"interrupted": true``, and for a failure also ``"error"`` (its first line).
+    Without a completed round, a ``--out`` directory this run created is removed again.
+    """
+    if not cfg.out:
+        return
+    rounds = partial.rounds if partial is not None else []
+    if partial is None or not rounds:
+        if created_out:
+            _remove_if_empty(Path(cfg.out))
+        return
+    totals = report.totals(rounds, cfg.target_accuracy)
+    totals["interrupted"] = True
+    if error is not None:
+        totals["error"] = error
+    written = _write_outputs(Path(cfg.out), cfg, partial.fleet, rounds, totals)
+    console.print(
+        f"wrote {' and '.join(map(str, written))} ({_plural(len(rounds), 'completed round')})"
+    )
 
 
 def _remove_if_empty(path: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -153,3 +155,96 @@ def test_state_dir_that_cannot_be_created_exits_2_before_connecting(
     # Assert
     assert code == 2
     assert err.startswith(f"fedge agent: agent.state_dir: cannot create {tmp_path}/state/sub")
+
+
+TLS_CONFIG = (
+    'fleet = "f"\ndevice_id = "pi"\n[broker]\nurl = "mqtts://127.0.0.1:1"\n'
+    'ca_file = "ca.crt"\ncert_file = "client.crt"\nkey_file = "client.key"\n'
+)
+TLS_FILES = {"ca_file": "ca.crt", "cert_file": "client.crt", "key_file": "client.key"}
+
+
+def _write_tls_files(tmp_path: Path) -> None:
+    for name in TLS_FILES.values():
+        (tmp_path / name).write_text("-----BEGIN CERTIFICATE-----\n")
+
+
+def test_tls_files_that_exist_load(tmp_path: Path) -> None:
+    # Prepare
+    _write_tls_files(tmp_path)
+    # Execute
+    c = load_agent_config(write(tmp_path, TLS_CONFIG))
+    # Assert
+    assert (c.broker.ca_file, c.broker.key_file) == (tmp_path / "ca.crt", tmp_path / "client.key")
+
+
+def _break(path: Path, problem: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``path`` missing, a folder, or unreadable (for root too, who may read anything)."""
+    path.unlink()
+    if problem == "folder":
+        path.mkdir()
+    elif problem == "unreadable":
+        path.write_text("secret")
+        path.chmod(0)
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != path and real_access(p, mode))
+
+
+@pytest.mark.parametrize("key", sorted(TLS_FILES))
+@pytest.mark.parametrize(
+    ("problem", "message"),
+    [
+        ("missing", "does not exist; put the .* there or fix the path"),
+        ("folder", "is a folder, not the .*; fix the path"),
+        ("unreadable", r"is not readable by this user; let the agent's user read it"),
+    ],
+)
+def test_a_bad_tls_file_is_a_config_error_at_load_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key: str, problem: str, message: str
+) -> None:
+    # Prepare
+    _write_tls_files(tmp_path)
+    bad = tmp_path / TLS_FILES[key]
+    _break(bad, problem, monkeypatch)
+    p = write(tmp_path, TLS_CONFIG)
+    # Execute
+    with pytest.raises(ConfigError) as info:
+        load_agent_config(p)
+    # Assert: one line naming the file, the key, the path and the fix
+    text = str(info.value)
+    assert re.fullmatch(f"{re.escape(f'{p}: broker.{key}: {bad} ')}{message}.*", text), text
+
+
+@pytest.mark.timeout(30)  # without the load-time check the agent retries connecting forever
+@pytest.mark.parametrize(
+    ("text", "flags", "message"),
+    [
+        ('ca_file = "absent-ca.crt"\n', [], "broker.ca_file: {tmp}/absent-ca.crt does not exist"),
+        ("", ["--ca-file", "{tmp}/absent-ca.crt"], "broker.ca_file: {tmp}/absent-ca.crt does not"),
+        ('ca_file = "state"\n', [], "broker.ca_file: {tmp}/state is a folder"),
+        (
+            'cert_file = "client.crt"\nkey_file = "absent.key"\n',
+            [],
+            "broker.key_file: {tmp}/absent.key does not exist",
+        ),
+    ],
+    ids=["ca_file", "ca-file-flag", "ca_file-folder", "key_file"],
+)
+def test_fedge_agent_refuses_a_bad_tls_file_with_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, flags: list[str], message: str
+) -> None:
+    # Prepare: no broker listens on port 1, so only the config check can end the agent
+    (tmp_path / "state").mkdir()
+    (tmp_path / "client.crt").write_text("-----BEGIN CERTIFICATE-----\n")
+    p = write(
+        tmp_path,
+        'fleet = "f"\ndevice_id = "pi"\n[agent]\nstate_dir = "state"\n'
+        f'[broker]\nurl = "mqtts://127.0.0.1:1"\n{text}',
+    )
+    # Execute
+    code = cli(["--config", str(p), *(f.format(tmp=tmp_path) for f in flags)])
+    err = capsys.readouterr().err
+    # Assert
+    assert code == 2
+    assert err.startswith("fedge agent: ") and err.count("\n") == 1, err
+    assert message.format(tmp=tmp_path) in err

@@ -255,3 +255,16 @@ def test_sim_refuses_a_broker_url_with_a_broker_kind() -> None:
     cfg = sim.SimConfig(broker="mqtt://127.0.0.1:1", broker_kind="embedded")
     with pytest.raises(sim.SimError, match="--broker-kind"):
         sim._validate(cfg)
+
+
+def test_fedge_sim_notices_its_embedded_broker_stopping(tmp_path: Path) -> None:
+    from server_stub.sim import SimError, _check_broker
+
+    # Prepare
+    broker = EmbeddedBroker(tmp_path / "amqtt").start()
+    _check_broker(broker)  # running: nothing to report
+    # Execute: the broker's thread ends, as it would if amqtt crashed
+    broker.stop()
+    # Assert
+    with pytest.raises(SimError, match=r"the private broker \(embedded amqtt broker\) stopped"):
+        _check_broker(broker)

@@ -162,6 +162,30 @@ def test_a_worker_that_exits_fails_the_run() -> None:
     assert f"device worker 0 (pid {workers[0].pid}) exited with code 0" in out
 
 
+def test_a_private_broker_that_dies_fails_the_run(tmp_path: Path) -> None:
+    # Prepare
+    before_dirs = _sim_tmpdirs()
+    proc = _start_sim("--rounds", "200", "--out", str(tmp_path / "out"))
+    _wait_for_round(proc)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    broker = next(c for c in children if c.name() == "mosquitto")
+    # Execute: a crash, as far as the simulator can tell
+    broker.kill()
+    started = time.monotonic()
+    returncode, out = _finish(proc)
+    # Assert: it stops soon, says why, stops everything else and keeps the rounds it ran
+    assert returncode == 1, out
+    assert time.monotonic() - started < 30, out
+    assert f"the private broker (mosquitto, pid {broker.pid}) was killed by SIGKILL" in out
+    assert "its log ends:" in out and "mosquitto version" in out
+    psutil.wait_procs(children, timeout=5)
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    assert _sim_tmpdirs() <= before_dirs
+    doc = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert doc["rounds"] and doc["totals"]["interrupted"] is True
+    assert doc["totals"]["error"].startswith("the private broker (mosquitto")
+
+
 def _retained(url: str) -> list[str]:
     """Topics of every retained message on the broker (what it sends on subscribing)."""
     from edge.mqtt_transport import connect_url
