@@ -10,6 +10,7 @@ knows nothing about MQTT, files, threads or training::
     UPLOADING --UploadDone--> IDLE
     (any check fails) --> DECLINED --DeclineSent--> IDLE
     UPLOADING --UploadFailed--> BACKOFF --Tick (retry time)--> UPLOADING
+    FETCHING_MODEL / UPLOADING / BACKOFF --TaskCancelled--> IDLE   (training: aborted, declined)
     (any) --Shutdown--> STOPPED
 
 :class:`AgentRunner` is the I/O side: it drains the transport, reassembles and verifies the
@@ -38,7 +39,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -77,11 +78,13 @@ from edge.wire import (
     ModelManifest,
     ModelUpdate,
     Status,
+    TaskCancel,
     TensorSpec,
     TopicKind,
     Topics,
     TrainTask,
     WireError,
+    parse_task_message,
 )
 from kernels.codec import ErrorFeedback, codec_ids, get_codec
 from kernels.errors import CodecError
@@ -208,6 +211,14 @@ class UploadFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class TaskCancelled:
+    """The coordinator withdrew a task (:class:`~edge.wire.TaskCancel`)."""
+
+    task_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class DeclineSent:
     """The status announcing a decline was published (or its publish failed)."""
 
@@ -227,6 +238,7 @@ Event: TypeAlias = (
     | TrainingAborted
     | UploadDone
     | UploadFailed
+    | TaskCancelled
     | DeclineSent
     | Shutdown
 )
@@ -292,6 +304,7 @@ TRANSITIONS: Final[dict[AgentState, dict[type[Event], frozenset[AgentState]]]] =
         TaskReceived: frozenset({S.IDLE, S.FETCHING_MODEL, S.TRAINING, S.DECLINED}),
         ModelAvailable: frozenset({S.IDLE}),
         ModelCorrupt: frozenset({S.IDLE}),
+        TaskCancelled: frozenset({S.IDLE}),
         Shutdown: frozenset({S.STOPPED}),
     },
     S.FETCHING_MODEL: {
@@ -300,6 +313,7 @@ TRANSITIONS: Final[dict[AgentState, dict[type[Event], frozenset[AgentState]]]] =
         TaskReceived: frozenset({S.FETCHING_MODEL}),
         ModelAvailable: frozenset({S.FETCHING_MODEL, S.TRAINING, S.DECLINED}),
         ModelCorrupt: frozenset({S.FETCHING_MODEL}),
+        TaskCancelled: frozenset({S.FETCHING_MODEL, S.IDLE}),
         Shutdown: frozenset({S.STOPPED}),
     },
     S.TRAINING: {
@@ -310,6 +324,7 @@ TRANSITIONS: Final[dict[AgentState, dict[type[Event], frozenset[AgentState]]]] =
         ModelCorrupt: frozenset({S.TRAINING}),
         TrainingFinished: frozenset({S.UPLOADING}),
         TrainingAborted: frozenset({S.DECLINED}),
+        TaskCancelled: frozenset({S.TRAINING}),
         Shutdown: frozenset({S.STOPPED}),
     },
     S.UPLOADING: {
@@ -320,6 +335,7 @@ TRANSITIONS: Final[dict[AgentState, dict[type[Event], frozenset[AgentState]]]] =
         ModelCorrupt: frozenset({S.UPLOADING}),
         UploadDone: frozenset({S.IDLE}),
         UploadFailed: frozenset({S.BACKOFF, S.IDLE}),
+        TaskCancelled: frozenset({S.UPLOADING, S.IDLE}),
         Shutdown: frozenset({S.STOPPED}),
     },
     S.DECLINED: {
@@ -329,6 +345,7 @@ TRANSITIONS: Final[dict[AgentState, dict[type[Event], frozenset[AgentState]]]] =
         ModelAvailable: frozenset({S.DECLINED}),
         ModelCorrupt: frozenset({S.DECLINED}),
         DeclineSent: frozenset({S.IDLE}),
+        TaskCancelled: frozenset({S.DECLINED}),
         Shutdown: frozenset({S.STOPPED}),
     },
     S.BACKOFF: {
@@ -337,6 +354,7 @@ TRANSITIONS: Final[dict[AgentState, dict[type[Event], frozenset[AgentState]]]] =
         TaskReceived: frozenset({S.BACKOFF}),
         ModelAvailable: frozenset({S.BACKOFF}),
         ModelCorrupt: frozenset({S.BACKOFF}),
+        TaskCancelled: frozenset({S.BACKOFF, S.IDLE}),
         Shutdown: frozenset({S.STOPPED}),
     },
     S.STOPPED: {
@@ -444,6 +462,8 @@ class AgentMachine:
                 self.upload_retry_at = now + delay
                 self.state = AgentState.BACKOFF
                 return []
+            case TaskCancelled(task_id=task_id, reason=reason):
+                return self._on_cancel(task_id, reason)
             case DeclineSent():
                 self._finish()
                 return []
@@ -518,6 +538,23 @@ class AgentMachine:
         self.state = AgentState.FETCHING_MODEL
         self.task = task
         return [self._status()]
+
+    def _on_cancel(self, task_id: str, reason: str) -> list[Command]:
+        """Drop the task ``task_id`` if it is still held; training is aborted by the runner."""
+        task = self.task
+        if task is None or task.task_id != task_id:
+            # Not (or no longer) held: remember it, so the task itself arriving late (a QoS-1
+            # redelivery after a reconnect) is ignored.
+            self._seen.setdefault(task_id, None)
+            return []
+        if self.state is AgentState.FETCHING_MODEL:
+            log.info("task %s cancelled (%s) while waiting for its model", task_id, reason)
+            self._finish()
+            return [self._status()]
+        if self.state in (AgentState.UPLOADING, AgentState.BACKOFF):
+            self._finish()
+            return [DropUpdate(task_id, f"{DeclineReason.CANCELLED}: {reason}"), self._status()]
+        return []  # TRAINING: the runner aborts it; DECLINED: already let go
 
     def _on_model(self, version: int, snap: TelemetrySnapshot, now: float) -> list[Command]:
         if self.model_version is None or version >= self.model_version:
@@ -640,6 +677,9 @@ class AgentStats:
     models_corrupt: int = 0
     models_mismatched: int = 0
     """Intact models whose tensors do not fit this device's model config (not refetched)."""
+    tasks_cancelled: int = 0
+    """Tasks the coordinator withdrew while this device still held them (training stopped or
+    the update not sent)."""
     bad_messages: int = 0
     """Messages rejected (the sum of :attr:`rejected`)."""
     declined: Counter[str] = field(default_factory=Counter)
@@ -781,6 +821,8 @@ class AgentRunner:
         self._prepared: _PreparedUpdate | None = None
         self._residuals: dict[str, F32] | None = None
         self._abort_reason: str | None = None
+        self._held: deque[Message] = deque()
+        """Messages taken off the transport while training or before an upload."""
         self._last_batch: float | None = None
         self._last_stop_check = -float("inf")
 
@@ -796,7 +838,10 @@ class AgentRunner:
             if self.model is not None:
                 self._feed(ModelAvailable(self.model.manifest.model_version, self._sample()))
             while not self.stop.is_set():
-                msg = self.transport.receive(self.options.poll_s)
+                if self._held:  # taken off the transport while training: handle them first
+                    msg: Message | None = self._held.popleft()
+                else:
+                    msg = self.transport.receive(self.options.poll_s)
                 if msg is not None:
                     self._on_message(msg)
                 self._feed(Tick())
@@ -832,7 +877,13 @@ class AgentRunner:
             case Upload(task=task):
                 return self._upload(task)
             case DropUpdate(task_id=task_id, reason=reason):
-                log.warning("dropping the update of task %s: %s", task_id, reason)
+                routine = reason.startswith(DeclineReason.CANCELLED)  # logged when it came
+                log.log(
+                    logging.DEBUG if routine else logging.WARNING,
+                    "dropping the update of task %s: %s",
+                    task_id,
+                    reason,
+                )
                 self._prepared = None
             case Close():
                 self.transport.close()
@@ -850,9 +901,12 @@ class AgentRunner:
             return
         try:
             if kind is TopicKind.TASK:
-                task = TrainTask.from_bytes(msg.payload)
-                self.stats.tasks_received += 1
-                self._feed(TaskReceived(task, self._sample()))
+                parsed = parse_task_message(msg.payload)
+                if isinstance(parsed, TaskCancel):
+                    self._on_cancel(parsed)
+                else:
+                    self.stats.tasks_received += 1
+                    self._feed(TaskReceived(parsed, self._sample()))
             elif kind is TopicKind.MODEL_MANIFEST:
                 self._on_manifest(ModelManifest.from_bytes(msg.payload))
             elif kind is TopicKind.MODEL_CHUNK:
@@ -870,6 +924,43 @@ class AgentRunner:
                 "agent %s: ignoring a bad message on %s (%s): %s",
                 self.options.cid, msg.topic, reason, text,
             )  # fmt: skip
+
+    def _on_cancel(self, cancel: TaskCancel) -> None:
+        task = self.machine.task
+        held = (AgentState.FETCHING_MODEL, AgentState.UPLOADING, AgentState.BACKOFF)
+        if task is not None and task.task_id == cancel.task_id and self.machine.state in held:
+            self._count_cancel(cancel)
+        self._feed(TaskCancelled(cancel.task_id, cancel.reason))
+
+    def _count_cancel(self, cancel: TaskCancel) -> None:
+        self.stats.tasks_cancelled += 1
+        log.info(
+            "agent %s: task %s cancelled by the coordinator (%s)",
+            self.options.cid, cancel.task_id, cancel.reason,
+        )  # fmt: skip
+
+    def _cancel_waiting(self, task: TrainTask) -> TaskCancel | None:
+        """The cancel of ``task`` if one is waiting on the transport.
+
+        Called while training and before uploading, when the loop is not draining the
+        transport: every message taken off is kept for the loop, but the cancel.
+        """
+        found: TaskCancel | None = None
+        try:
+            while (msg := self.transport.receive(0.0)) is not None:
+                if found is None and msg.topic == self.topics.task(self.options.cid):
+                    try:
+                        parsed = parse_task_message(msg.payload)
+                    except WireError:
+                        parsed = None  # the loop counts it as bad
+                    if isinstance(parsed, TaskCancel) and parsed.task_id == task.task_id:
+                        self._count_cancel(parsed)
+                        found = parsed
+                        continue
+                self._held.append(msg)
+        except TransportClosed:
+            pass  # the loop sees it at its next receive
+        return found
 
     def _count_rejected(self, reason: str) -> None:
         self.stats.rejected[reason] += 1
@@ -1061,6 +1152,8 @@ class AgentRunner:
         reason = stop_reason(
             self._sample(), self.options.limits, now=now, deadline_ts=task.deadline_ts
         )
+        if reason is None and self._cancel_waiting(task) is not None:
+            reason = DeclineReason.CANCELLED
         if reason is not None:
             self._abort_reason = reason
             return True
@@ -1196,6 +1289,9 @@ class AgentRunner:
         prepared = self._prepared
         if prepared is None or prepared.task_id != task.task_id:
             return UploadFailed(task.task_id, "no encoded update")
+        cancel = self._cancel_waiting(task)
+        if cancel is not None:  # the round closed while this device trained
+            return TaskCancelled(task.task_id, cancel.reason)
         try:
             publish_chunked(
                 self.transport,

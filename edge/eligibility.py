@@ -56,6 +56,8 @@ class DeclineReason(StrEnum):
     """The model version the task names did not arrive (in time) or is already replaced."""
     BUSY = "busy"
     """Another task is in progress."""
+    CANCELLED = "cancelled"
+    """The coordinator withdrew the task (its round closed without this update)."""
     TRAINING_FAILED = "training_failed"
     """Training or encoding raised an error (logged on the device)."""
 

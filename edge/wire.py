@@ -808,6 +808,49 @@ class TrainTask:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class TaskCancel:
+    """Withdraws a task, on ``clients/{cid}/task`` like the task (QoS 1, not retained).
+
+    The coordinator sends it when the device's update is no longer wanted (its round closed
+    with enough updates); the device stops training that task and does not upload it.
+    Devices that predate it log the message as a bad task and ignore it.
+    """
+
+    TYPE: ClassVar[str] = "cancel"
+
+    task_id: str
+    reason: str
+    """Why, for the device's log: ``round_complete``."""
+
+    def __post_init__(self) -> None:
+        _as_id_field(self.task_id, "cancel")
+        _as_id_field(_as_str(self.reason, "cancel reason", max_len=64), "cancel reason")
+
+    def to_json(self) -> JSONObject:
+        return {"v": PROTOCOL_VERSION, "cancel": self.task_id, "reason": self.reason}
+
+    def to_bytes(self) -> bytes:
+        return _dumps(self.to_json())
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> Self:
+        _check_version(obj, "cancel")
+        return cls(
+            task_id=_as_id_field(_require(obj, "cancel", "cancel"), "cancel"),
+            reason=_as_str(obj.get("reason", "unspecified"), "cancel reason", max_len=64),
+        )
+
+
+def parse_task_message(data: bytes | bytearray | memoryview) -> TrainTask | TaskCancel:
+    """Parse a message of ``clients/{cid}/task``: a :class:`TaskCancel` when it has a
+    ``cancel`` field, else a :class:`TrainTask`. Raises :class:`MessageError`."""
+    obj = _loads_object(data, "task")
+    if "cancel" in obj:
+        return TaskCancel.from_json(obj)
+    return TrainTask.from_json(obj)
+
+
 # --------------------------------------------------------------------------- envelope
 
 MAGIC: Final = b"FEDG"

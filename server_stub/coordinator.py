@@ -53,6 +53,7 @@ from edge.wire import (
     ModelManifest,
     ModelUpdate,
     Status,
+    TaskCancel,
     TopicKind,
     Topics,
     TrainParams,
@@ -171,6 +172,7 @@ class _RoundIO:
     bytes_down: int = 0
     accepted: list[tuple[str, str]] = field(default_factory=list)
     examples: int = 0
+    cancelled: int = 0
     waiting_logged: bool = False
 
 
@@ -717,11 +719,25 @@ class Coordinator:
     def _drop(self, cmd: DropDevice) -> None:
         if cmd.reason == "round_complete":
             self.registry.set_busy(cmd.cid, False)
+            self._cancel(cmd.cid, cmd.task_id, cmd.reason)
         elif cmd.declined:
             self.registry.record_decline(cmd.cid)
         else:
             self.registry.record_failure(cmd.cid)
         logger.info("device %s out of its task %s: %s", cmd.cid, cmd.task_id, cmd.reason)
+
+    def _cancel(self, cid: str, task_id: str, reason: str) -> None:
+        """Withdraw a task whose update is no longer wanted: the device stops training it and
+        keeps its battery and uplink (devices that predate the message ignore it)."""
+        payload = TaskCancel(task_id, reason).to_bytes()
+        try:
+            self.transport.publish(self.topics.task(cid), payload, qos=1)
+        except TransportError as exc:
+            logger.warning("could not cancel task %s of %s: %s", task_id, cid, exc)
+            return
+        self._io.bytes_down += len(payload)
+        self._io.cancelled += 1
+        self.metrics.add_bytes(outbound=len(payload))
 
     def _aggregate(self, cmd: Aggregate, now: float) -> None:
         new = self.strategy.finish()
@@ -794,6 +810,7 @@ class Coordinator:
             "lost": stats.lost,
             "timed_out": stats.timed_out,
             "replaced": stats.replaced,
+            "cancelled": self._io.cancelled,
             "rejected": sum(stats.rejected.values()),
             "rejected_by_reason": dict(stats.rejected),
             "num_examples": self._io.examples,

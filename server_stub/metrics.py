@@ -56,6 +56,11 @@ class CoordinatorMetrics:
         )
         self.declines = prom.Counter("fedge_declines", "Tasks declined by devices", registry=reg)
         self.dropped = prom.Counter("fedge_dropped", "Devices dropped from rounds", registry=reg)
+        self.cancelled = prom.Counter(
+            "fedge_tasks_cancelled",
+            "Tasks withdrawn from devices still training when their round closed",
+            registry=reg,
+        )
         self.rejected = prom.Counter(
             "fedge_rejected_updates", "Rejected updates", ["reason"], registry=reg
         )
@@ -110,6 +115,7 @@ class CoordinatorMetrics:
         self.participants.inc(int(record.get("participants", 0)))
         self.declines.inc(int(record.get("declined", 0)))
         self.dropped.inc(int(record.get("dropped", 0)))
+        self.cancelled.inc(int(record.get("cancelled", 0)))
         self.round_duration.observe(float(record.get("duration_s", 0.0)))
         self.model_version.set(int(record.get("model_version", 0)))
         acc = record.get("accuracy")

@@ -55,6 +55,7 @@ def totals(
         "dropped": sum(int(r.get("dropped", 0)) for r in rounds),
         "rejected": sum(int(r.get("rejected", 0)) for r in rounds),
         "late": sum(late_count(r) for r in rounds),
+        "cancelled": sum(int(r.get("cancelled", 0)) for r in rounds),
         "duration_s": sum(float(r.get("duration_s", 0.0)) for r in rounds),
     }
     if target_accuracy is not None:
@@ -219,6 +220,7 @@ def summary_table(total: Mapping[str, Any], wall_s: float) -> Any:
                 else ""
             ),
         ),
+        ("tasks cancelled (round closed)", str(total.get("cancelled", 0))),
         ("wall time", f"{wall_s:.1f}s"),
     ]
     if "rounds_to_target" in total:

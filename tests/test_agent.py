@@ -28,6 +28,7 @@ from edge.agent import (
     ModelCorrupt,
     PublishStatus,
     Shutdown,
+    TaskCancelled,
     TaskReceived,
     Tick,
     Train,
@@ -51,6 +52,7 @@ from edge.wire import (
     ModelUpdate,
     NetKind,
     Status,
+    TaskCancel,
     Topics,
     TrainParams,
     TrainTask,
@@ -117,6 +119,7 @@ EVENTS: dict[type, Callable[[], object]] = {
     TrainingAborted: lambda: TrainingAborted("t1", "low_battery"),
     UploadDone: lambda: UploadDone("t1"), UploadFailed: lambda: UploadFailed("t1", "x"),
     DeclineSent: DeclineSent, Shutdown: Shutdown,
+    TaskCancelled: lambda: TaskCancelled("t1", "round_complete"),
 }  # fmt: skip
 
 LEGAL = [(s, e) for s, table in TRANSITIONS.items() for e in table]
@@ -252,6 +255,39 @@ def test_events_for_another_task_raise() -> None:
     m = machine_in(AgentState.TRAINING)
     with pytest.raises(AgentProtocolError, match="current task is 't1'"):
         m.handle(TrainingFinished("zzz"), NOW)
+
+
+def test_cancel_while_waiting_for_the_model_lets_the_task_go() -> None:
+    m = machine_in(AgentState.FETCHING_MODEL)
+    out = m.handle(TaskCancelled("t1", "round_complete"), NOW + 1)
+    assert out == [PublishStatus(AgentState.IDLE, None, None)]
+    assert m.state is AgentState.IDLE and m.task is None
+    # The model arriving afterwards starts nothing.
+    assert m.handle(ModelAvailable(2, snap()), NOW + 2) == []
+
+
+@pytest.mark.parametrize("state", [AgentState.UPLOADING, AgentState.BACKOFF])
+def test_cancel_before_the_update_went_out_drops_it(state: AgentState) -> None:
+    m = machine_in(state)
+    out = m.handle(TaskCancelled("t1", "round_complete"), NOW + 1)
+    assert out == [
+        DropUpdate("t1", "cancelled: round_complete"),
+        PublishStatus(AgentState.IDLE, None, None),
+    ]
+    assert m.state is AgentState.IDLE and m.upload_retry_at is None
+    assert m.handle(Tick(), NOW + 20) == []  # no retry of the dropped upload
+
+
+def test_cancel_of_another_task_changes_nothing_and_bars_that_task() -> None:
+    m = machine_in(AgentState.TRAINING)
+    assert m.handle(TaskCancelled("t9", "round_complete"), NOW) == []
+    assert m.state is AgentState.TRAINING  # training is stopped by the runner, not here
+    assert m.handle(TaskCancelled("t1", "round_complete"), NOW) == []
+    idle = machine_in(AgentState.IDLE)
+    assert idle.handle(TaskCancelled("t5", "round_complete"), NOW) == []
+    # The task itself arriving after its cancel (redelivered after a reconnect) is ignored.
+    assert idle.handle(TaskReceived(task("t5"), snap()), NOW) == []
+    assert idle.state is AgentState.IDLE
 
 
 def test_heartbeat_is_periodic() -> None:
@@ -498,6 +534,29 @@ def test_battery_draining_during_training_stops_it_and_uploads_nothing(
         stop_runner(runner, thread)
     assert status.declined is not None and status.declined.reason == "low_battery"
     assert runner.stats.updates_sent == 0
+
+
+def test_cancel_during_training_stops_it_and_uploads_nothing(tmp_path: Path, weights: dict) -> None:
+    # Prepare: 10 ms per batch and 800 batches: training would take 8 s.
+    broker = InMemoryBroker()
+    coord = Coordinator(broker)
+    coord.publish_model(weights, 1)
+    telemetry = SimulatedTelemetry(DeviceProfile(batch_time_s=0.01), now=NOW)
+    runner, thread = start_runner(broker, tmp_path, telemetry)
+    try:
+        coord.send(task(train=TrainParams(epochs=100, batch_size=8, lr=0.1)))
+        wait_for(lambda: runner.machine.state is AgentState.TRAINING)
+        # Execute
+        coord.t.publish(coord.topics.task(CID), TaskCancel("t1", "round_complete").to_bytes())
+        status = coord.next_decline(5.0)
+        # Assert: stopped within a stop check, nothing sent, and the device works on.
+        assert status.declined is not None and status.declined.reason == "cancelled"
+        assert runner.stats.tasks_cancelled == 1 and runner.stats.trainings == 0
+        coord.send(task("t2"))
+        update = coord.next_update()
+    finally:
+        stop_runner(runner, thread)
+    assert update.task_id == "t2" and runner.stats.updates_sent == 1
 
 
 def test_error_feedback_residual_survives_a_restart(tmp_path: Path, weights: dict) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -231,6 +232,44 @@ def test_task_rejects_non_finite() -> None:
 def test_task_validated_on_construction() -> None:
     with pytest.raises(MessageError, match="epochs"):
         wire.TrainParams(epochs=0, batch_size=1, lr=0.1)
+
+
+def test_task_topic_carries_tasks_and_cancels() -> None:
+    task = golden.golden_task()
+    cancel = wire.TaskCancel(task.task_id, "round_complete")
+    assert cancel.to_bytes() == b'{"v":1,"cancel":"%s","reason":"round_complete"}' % (
+        task.task_id.encode()
+    )
+    assert wire.parse_task_message(task.to_bytes()) == task
+    assert wire.parse_task_message(cancel.to_bytes()) == cancel
+    assert wire.parse_task_message(b'{"v":1,"cancel":"t1"}') == wire.TaskCancel("t1", "unspecified")
+
+
+@pytest.mark.parametrize(
+    ("raw", "words"),
+    [
+        (b'{"v":1,"cancel":""}', "cancel is empty"),
+        (b'{"v":1,"cancel":7}', "cancel must be a string"),
+        (b'{"v":1,"cancel":"t1","reason":3}', "cancel reason must be a string"),
+        (b'{"v":1,"cancel":"t1","reason":"' + b"x" * 65 + b'"}', "the limit is 64"),
+        (b'{"v":1,"cancel":"t1","reason":"a\\nb"}', "non-printable"),
+        (b'{"v":2,"cancel":"t1"}', "cancel has v=2"),
+        (b'{"cancel":"t1"}', "cancel misses required field 'v'"),
+        (b'["cancel"]', "task must be a JSON object"),
+    ],
+)
+def test_bad_cancel_is_a_message_error(raw: bytes, words: str) -> None:
+    with pytest.raises(WireError, match=re.escape(words)):
+        wire.parse_task_message(raw)
+
+
+@given(data=st.binary(max_size=200))
+@settings(max_examples=150)
+def test_task_topic_fuzz_only_wire_errors(data: bytes) -> None:
+    with contextlib.suppress(WireError):
+        wire.parse_task_message(data)
+    with contextlib.suppress(WireError):
+        wire.parse_task_message(b'{"v":1,"cancel":' + data + b"}")
 
 
 _json_messages = [Status, TrainTask, ModelManifest]

@@ -15,16 +15,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from edge.chunking import Reassembler
+from edge.modelio import encode_update
 from edge.mqtt_transport import MqttSettings, MqttTransport
+from edge.training import init_weights
 from edge.transport import publish_chunked
 from edge.wire import ModelUpdate, Topics, TrainParams, TrainTask
 from server_stub.faults import STAGES
 from tests.broker import MosquittoBroker
 from tests.reliability.harness import (
     FLEET,
+    SPEC,
     AgentFleet,
     Coordinators,
     TrainingGate,
@@ -43,6 +47,17 @@ TOPICS = Topics(FLEET)
 
 def _client(broker: MosquittoBroker, client_id: str, **kw: Any) -> MqttTransport:
     return MqttTransport(MqttSettings.from_url(broker.url, client_id=client_id, **kw))
+
+
+def _publish_update(transport: MqttTransport, cid: str, task: TrainTask) -> None:
+    """Publish a well-formed (zero) update of ``task`` on ``cid``'s topic."""
+    zeros = {k: np.zeros_like(v) for k, v in init_weights(SPEC, np.random.default_rng(0)).items()}
+    specs, payloads = encode_update(zeros, task.uplink_codec)
+    update = ModelUpdate(
+        task_id=task.task_id, round_no=task.round_no, model_version=task.model_version,
+        cid=cid, num_examples=10, tensors=specs, payloads=payloads, nonce=task.nonce,
+    )  # fmt: skip
+    publish_chunked(transport, TOPICS.update(cid), update.to_bytes(), chunk_size=64 * 1024)
 
 
 # ------------------------------------------------------------------ transport back-pressure
@@ -374,6 +389,8 @@ def test_late_duplicate_and_replayed_updates_are_rejected_and_counted(
         fleet.start(cid, shards[i], seed=i, gate=gate)
     sniffer = _client(mosquitto, "sniffer")
     sniffer.subscribe(TOPICS.all_updates())
+    snooper = _client(mosquitto, "snooper")  # reads pi-02's tasks, to play an old agent
+    snooper.subscribe(TOPICS.task("pi-02"))
     cfg = coordinator_config(
         mosquitto.url,
         tmp_path / "c.db",
@@ -405,12 +422,19 @@ def test_late_duplicate_and_replayed_updates_are_rejected_and_counted(
         resend_new_transfer()
         wait_for(lambda: machine.stats.rejected["duplicate"] == 1, 10, "duplicate counted")
         assert coord.coordinator.reassembler.stats.duplicates >= len(chunks)
-        # Execute 2: pi-01 completes the round; pi-02 (over-selected) is released afterwards.
+        # Execute 2: pi-01 completes the round; pi-02 (over-selected) is told to stop. An
+        # agent that predates the cancel would upload anyway: its update comes too late.
         gates["pi-01"].allow()
         coord.wait_rounds(1, 20)
-        gates["pi-02"].allow()
-        wait_for(lambda: fleet.handle("pi-02").runner.stats.updates_sent == 1, 10, "pi-02 uploads")
+        straggler = fleet.handle("pi-02").runner
+        wait_for(lambda: straggler.stats.tasks_cancelled == 1, 10, "pi-02's task cancelled")
+        msg = snooper.receive(10.0)
+        assert msg is not None, "pi-02's task never appeared"
+        old_task = TrainTask.from_bytes(msg.payload)
+        assert old_task.round_no == 1
+        _publish_update(sniffer, "pi-02", old_task)
         wait_for(lambda: machine.stats.rejected["late"] == 1, 10, "late counted")
+        assert straggler.stats.updates_sent == 0  # its gate never opened
         # Execute 3: replay pi-00's counted round-1 update in round 2.
         resend_new_transfer()
         wait_for(lambda: machine.stats.rejected["replayed"] == 1, 10, "replay counted")
@@ -418,6 +442,7 @@ def test_late_duplicate_and_replayed_updates_are_rejected_and_counted(
         for g in gates.values():
             g.open()
         sniffer.close()
+        snooper.close()
     coord.stop()
     # Assert: round 1 counted pi-00 once; nothing rejected was folded.
     audit = audit_store(tmp_path / "c.db")
