@@ -176,6 +176,15 @@ class _RoundIO:
     waiting_logged: bool = False
 
 
+DEVICE_FAULTS: frozenset[str] = frozenset(
+    {"bad_envelope", "bad_signature", "wrong_cid", "layout_mismatch"}
+)
+"""Refusals of a device's update that only a change on the device fixes (its key, its agent,
+its model config): repeated, they hold the device back (``Registry.record_refusal``)."""
+REFUSAL_COOLDOWN_MAX_S = 3600.0
+"""The longest a device is held back after repeated refusals."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Received:
     """An update whose envelope passed its checks, with the bytes it came in."""
@@ -580,7 +589,7 @@ class Coordinator:
                 logger.info("rejected update %s from %s: %s", cmd.task_id, cmd.cid, cmd.reason)
                 self.metrics.reject(cmd.reason)
             elif isinstance(cmd, DropDevice):
-                self._drop(cmd)
+                self._drop(cmd, now)
             elif isinstance(cmd, TaskAcknowledged):
                 self._acks_unsaved = self.machine.state is RoundState.COLLECTING
             elif isinstance(cmd, Aggregate):
@@ -716,15 +725,37 @@ class Coordinator:
             control_delta=decoded.aux.get(SCAFFOLD_DELTA_AUX),
         )
 
-    def _drop(self, cmd: DropDevice) -> None:
+    def _drop(self, cmd: DropDevice, now: float) -> None:
+        refused = cmd.reason.removeprefix("invalid_update:")
         if cmd.reason == "round_complete":
             self.registry.set_busy(cmd.cid, False)
             self._cancel(cmd.cid, cmd.task_id, cmd.reason)
         elif cmd.declined:
             self.registry.record_decline(cmd.cid)
+        elif refused in DEVICE_FAULTS:
+            self._refused(cmd.cid, refused, now)
         else:
             self.registry.record_failure(cmd.cid)
         logger.info("device %s out of its task %s: %s", cmd.cid, cmd.task_id, cmd.reason)
+
+    def _refused(self, cid: str, reason: str, now: float) -> None:
+        """Hold back a device whose updates keep being refused for its own fault: each task
+        would cost it a training and an upload for nothing."""
+        deadline = self.config.rounds.deadline_s
+        held = self.registry.record_refusal(
+            cid, now, base_s=deadline, max_s=max(deadline, REFUSAL_COOLDOWN_MAX_S)
+        )
+        if held:
+            record = self.registry.record(cid)
+            logger.warning(
+                "device %s: %d updates in a row refused (%s); not asking it for %.0f s. Fix "
+                "the device (its HMAC key, its [model]) or restart its agent to end this; if "
+                "many devices show it, check this coordinator's [validation] settings",
+                cid,
+                0 if record is None else record.refusals,
+                reason,
+                held,
+            )
 
     def _cancel(self, cid: str, task_id: str, reason: str) -> None:
         """Withdraw a task whose update is no longer wanted: the device stops training it and

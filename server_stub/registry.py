@@ -37,6 +37,10 @@ class DeviceRecord:
     """Tasks the device explicitly declined in its status."""
     failures: int = 0
     """Tasks that ended without a usable update (timeout, dropped, invalid update)."""
+    refusals: int = 0
+    """Updates refused in a row for a fault of the device (:meth:`Registry.record_refusal`)."""
+    cooldown_until: float = 0.0
+    """The device is not offered tasks before this time (after repeated refusals)."""
     state: str | None = None
     """Agent state from the status (``idle``, ``training``, ...), if reported."""
     agent: str | None = None
@@ -107,6 +111,9 @@ class Registry:
             record = DeviceRecord(view=view)
             self._devices[cid] = record
         else:
+            if view.online and not record.view.online:
+                # Back from offline (often a restart after someone fixed it): a fresh chance.
+                record.refusals, record.cooldown_until = 0, 0.0
             record.view = view
         if status.online:
             record.state = status.state
@@ -157,6 +164,7 @@ class Registry:
         if record is None:
             return
         record.successes += 1
+        record.refusals, record.cooldown_until = 0, 0.0
         changes: dict[str, object] = {"busy": False}
         if loss is not None and loss >= 0.0 and math.isfinite(loss):
             changes["recent_loss"] = loss
@@ -175,6 +183,27 @@ class Registry:
         if record is not None:
             record.failures += 1
             record.view = dataclasses.replace(record.view, busy=False)
+
+    def record_refusal(self, cid: str, now: float, *, base_s: float, max_s: float) -> float:
+        """``cid``'s update was refused for a fault of the device (its key, its envelope, its
+        model layout), which sending it another task will not fix.
+
+        From the second refusal in a row the device is not offered tasks for ``base_s``,
+        doubling with each further refusal up to ``max_s``; an accepted update, or the device
+        coming back online after being offline, ends that. Returns the cool-down started
+        (0.0 for none).
+        """
+        record = self._devices.get(cid)
+        if record is None:
+            return 0.0
+        record.failures += 1
+        record.refusals += 1
+        record.view = dataclasses.replace(record.view, busy=False)
+        if record.refusals < 2:
+            return 0.0
+        delay = min(max_s, base_s * 2.0 ** (record.refusals - 2))
+        record.cooldown_until = now + delay
+        return delay
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -217,7 +246,17 @@ class Registry:
     def eligible(self, now: float, exclude: Iterable[str] = ()) -> list[DeviceView]:
         """Devices that may be offered a task at ``now`` (not busy, fresh, rules pass)."""
         skip = set(exclude)
-        return [v for v in self.views() if v.cid not in skip and self.rules.check(v, now) is None]
+        return [
+            r.view
+            for _cid, r in self.records()
+            if r.view.cid not in skip
+            and r.cooldown_until <= now
+            and self.rules.check(r.view, now) is None
+        ]
+
+    def cooling_down(self, now: float) -> dict[str, float]:
+        """``cid -> until`` of the devices held back after repeated refusals."""
+        return {cid: r.cooldown_until for cid, r in self.records() if r.cooldown_until > now}
 
     def ineligible_reasons(self, now: float) -> dict[str, Ineligible]:
         """``cid -> reason`` of every device that is not eligible at ``now``."""

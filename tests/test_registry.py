@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from edge.wire import (
     BatteryInfo,
     Caps,
@@ -130,3 +132,48 @@ def test_forget_removes_device() -> None:
     reg.observe("a", status(), 0.0)
     reg.forget("a")
     assert "a" not in reg and len(reg) == 0
+
+
+def test_repeated_refusals_hold_a_device_back_with_a_growing_cool_down() -> None:
+    reg = registry()
+    reg.observe("a", status(), 0.0)
+    reg.observe("b", status(), 0.0)
+
+    def refuse(now: float) -> float:
+        reg.record_selected("a", 1)
+        return reg.record_refusal("a", now, base_s=10.0, max_s=25.0)
+
+    assert refuse(1.0) == 0.0  # one refusal may be a fluke
+    assert [v.cid for v in reg.eligible(1.0)] == ["a", "b"]
+    assert refuse(2.0) == 10.0
+    assert [v.cid for v in reg.eligible(2.0)] == ["b"]
+    assert reg.cooling_down(2.0) == {"a": 12.0}
+    assert [v.cid for v in reg.eligible(12.0)] == ["a", "b"]  # the cool-down is over
+    assert (refuse(12.0), refuse(12.0)) == (20.0, 25.0)  # doubles, up to max_s
+    rec = reg.record("a")
+    assert rec is not None and (rec.refusals, rec.failures) == (4, 4)
+
+
+@pytest.mark.parametrize("how", ["success", "restart"])
+def test_an_accepted_update_or_a_restart_ends_the_cool_down(how: str) -> None:
+    reg = registry()
+    reg.observe("a", status(), 0.0)
+    reg.record_refusal("a", 1.0, base_s=10.0, max_s=100.0)
+    assert reg.record_refusal("a", 2.0, base_s=10.0, max_s=100.0) == 10.0
+    if how == "success":
+        reg.record_success("a")
+    else:  # the agent went offline (Last Will) and came back, e.g. after a fix
+        reg.observe("a", Status.offline_will(), 3.0)
+        reg.observe("a", status(), 4.0)
+    assert [v.cid for v in reg.eligible(5.0)] == ["a"] and reg.cooling_down(5.0) == {}
+    # and the count starts again: the next refusal alone does not hold it back
+    assert reg.record_refusal("a", 6.0, base_s=10.0, max_s=100.0) == 0.0
+
+
+def test_a_heartbeat_does_not_end_the_cool_down() -> None:
+    reg = registry()
+    reg.observe("a", status(), 0.0)
+    reg.record_refusal("a", 1.0, base_s=10.0, max_s=100.0)
+    reg.record_refusal("a", 2.0, base_s=10.0, max_s=100.0)
+    reg.observe("a", status(), 3.0)  # still online: only a status
+    assert reg.eligible(3.0) == []
