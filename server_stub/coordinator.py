@@ -18,7 +18,10 @@ round machine, validator, strategy) meet I/O (transport, store, clock). Rules:
   reopened round again, in their order, instead of asking those devices to train again.
 - With ``require_signature`` an update of the topic's device rejected ``bad_envelope``,
   ``bad_signature`` or ``wrong_cid`` fails that device's task at once (the production
-  broker's ACL lets only the device publish on its update topic).
+  broker's ACL lets only the device publish on its update topic). Refused twice in a row for
+  such a fault of its own (:data:`DEVICE_FAULTS`), a device is held back from selection.
+- A round that closes at its target withdraws the tasks still out (``TaskCancel`` on the
+  device's task topic), so stragglers stop training instead of uploading for nothing.
 - A new model version is checkpointed (SQLite, one transaction) **before** it is published
   (retained manifest + chunks; the previous version's retained chunks are cleared).
 - ``bytes_down`` of a round = bytes of every task published for it + the model envelope's
