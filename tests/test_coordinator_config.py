@@ -302,11 +302,14 @@ def test_state_db_in_use_by_another_coordinator_exits_2(
         assert db.read_bytes() == before
 
 
-def _checkpoint_example_model(store: Store) -> None:
-    """Store version 0 of the example config's model (hidden = [32]) as the checkpoint."""
+def checkpoint_example_model(store: Store, version: int = 0) -> None:
+    """Store the example config's model (hidden = [32]) as the checkpoint of ``version``
+    (made by round ``version``)."""
     _layout, weights = load_config(EXAMPLE).layout_and_weights()
-    envelope = pack_model(weights, model_version=0, round_no=0).to_bytes()
-    store.checkpoint(version=0, round_no=0, envelope=envelope, state={}, record=None, accepted=())
+    envelope = pack_model(weights, model_version=version, round_no=version).to_bytes()
+    store.checkpoint(
+        version=version, round_no=version, envelope=envelope, state={}, record=None, accepted=()
+    )
 
 
 def test_checkpoint_of_another_model_exits_2_and_keeps_the_checkpoint(
@@ -315,7 +318,7 @@ def test_checkpoint_of_another_model_exits_2_and_keeps_the_checkpoint(
     # Prepare: a checkpoint made with hidden = [32], then the config says [128]
     db = tmp_path / "coordinator.db"
     with Store(db) as store:
-        _checkpoint_example_model(store)
+        checkpoint_example_model(store)
     before = db.read_bytes()
     path = edited(
         tmp_path, "hidden = [32]", "hidden = [128]", ('url = "mqtt://127.0.0.1:1883"', dead_broker)
@@ -334,7 +337,7 @@ def test_embedded_coordinator_refuses_a_checkpoint_of_another_model(tmp_path: Pa
     # The check lives in the coordinator itself, so the simulator and other embedders get the
     # same message as the command line (before, a KeyError or LayoutError from unpacking).
     with Store(tmp_path / "coordinator.db") as store:
-        _checkpoint_example_model(store)
+        checkpoint_example_model(store)
         other = load_config(edited(tmp_path, "hidden = [32]", "hidden = [128]"))
         layout, other_weights = other.layout_and_weights()
         with pytest.raises(CheckpointMismatchError, match="was made with a different model"):
