@@ -220,7 +220,7 @@ def summary_table(total: Mapping[str, Any], wall_s: float) -> Any:
                 else ""
             ),
         ),
-        ("tasks cancelled (round closed)", str(total.get("cancelled", 0))),
+        ("stragglers told to stop", str(total.get("cancelled", 0))),
         ("wall time", f"{wall_s:.1f}s"),
     ]
     if "rounds_to_target" in total:
