@@ -44,7 +44,13 @@ from server_stub.coordinator import (
     mqtt_transport_for,
 )
 from server_stub.metrics import CoordinatorMetrics
-from server_stub.store import NotAStateDatabaseError, Store, StoreError, StoreInUseError
+from server_stub.store import (
+    NotAStateDatabaseError,
+    Store,
+    StoreError,
+    StoreInUseError,
+    in_use_by,
+)
 from server_stub.strategies import StrategyError
 
 logger = logging.getLogger("server_stub")
@@ -98,6 +104,14 @@ def run_coordinator(
     try:
         metrics = CoordinatorMetrics(port=config.metrics_port)
     except OSError as exc:
+        owner = in_use_by(config.state_db)
+        if owner is not None:  # most likely the same config running already: say so
+            raise StartupError(
+                f"[metrics] port {config.metrics_port} is taken and state db "
+                f"{config.state_db} is in use by another process (pid {owner}): this "
+                "coordinator probably runs already; stop it, or give this one its own "
+                "[state] db and [metrics] port"
+            ) from None
         raise StartupError(
             f"[metrics] port {config.metrics_port}: cannot serve metrics on 127.0.0.1 "
             f"({exc.strerror or exc}); choose a free port or stop what listens there"

@@ -136,6 +136,7 @@ class Store:
         self.path = str(path)
         self.keep_models = keep_models
         self._lock: BinaryIO | None = None
+        self._lock_path = ""
         lock_is_new = False
         if read_only:
             try:
@@ -152,8 +153,10 @@ class Store:
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise StoreError(f"state db {self.path} cannot be created ({exc})") from None
-            lock_is_new = not Path(f"{self.path}.lock").exists()
-            self._lock = _lock_beside(self.path)
+            # Beside the real file: a symlink to a db in use must find the same lock.
+            self._lock_path = f"{os.path.realpath(self.path)}.lock"
+            lock_is_new = not Path(self._lock_path).exists()
+            self._lock = _lock(self._lock_path, self.path)
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
@@ -181,7 +184,7 @@ class Store:
     def _release(self, lock_is_new: bool) -> None:
         """Unlock after a failed open, leaving the folder as it was (no new lock file)."""
         if lock_is_new:
-            Path(f"{self.path}.lock").unlink(missing_ok=True)
+            Path(self._lock_path).unlink(missing_ok=True)
         self._unlock()
 
     def _check_existing(self) -> None:
@@ -391,14 +394,29 @@ class Store:
         return out
 
 
-def _lock_beside(path: str) -> BinaryIO:
-    """Take the exclusive lock ``<path>.lock`` for this process, or raise StoreInUseError.
+def in_use_by(path: str | Path) -> str | None:
+    """The process id (as text) holding the state db ``path``, or None; creates nothing."""
+    lock_path = f"{os.path.realpath(path)}.lock"
+    try:
+        lock = open(lock_path, "rb")  # noqa: SIM115 - closed below, which drops the probe lock
+    except OSError:
+        return None  # no lock file: nobody has opened it
+    with lock:
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return lock.read(32).decode("ascii", "replace").strip() or "unknown"
+    return None
+
+
+def _lock(lock_path: str, path: str) -> BinaryIO:
+    """Take the exclusive lock ``lock_path`` of the db ``path`` for this process, or raise
+    StoreInUseError.
 
     An advisory ``flock``: the kernel releases it when the process ends, however it ends, so
     a coordinator killed with ``kill -9`` leaves no stale lock behind. The file holds the
     owner's process id for the message.
     """
-    lock_path = f"{path}.lock"
     try:
         lock = open(lock_path, "a+b")  # noqa: SIM115 - kept open as the lock
     except OSError as exc:
@@ -433,4 +451,5 @@ __all__ = [
     "StoreError",
     "StoreInUseError",
     "StoredModel",
+    "in_use_by",
 ]

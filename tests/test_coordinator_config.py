@@ -380,6 +380,27 @@ def test_metrics_port_in_use_exits_2_naming_the_key(
     assert not (tmp_path / "coordinator.db").exists()
 
 
+def test_second_coordinator_on_one_config_is_told_it_runs_already(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], dead_broker: str, busy_port: int
+) -> None:
+    # Prepare: the same config running already holds the metrics port and the state db
+    path = edited(
+        tmp_path,
+        "# port = 9100",
+        f"port = {busy_port}",
+        ('url = "mqtt://127.0.0.1:1883"', dead_broker),
+    )
+    db = tmp_path / "coordinator.db"
+    with Store(db):
+        # Execute
+        code, err = run_main(path, capsys)
+    # Assert: the state db in use is named, not only the port
+    assert code == 2
+    assert f"[metrics] port {busy_port} is taken and state db {db} is in use by another" in err
+    assert err.rstrip().endswith("give this one its own [state] db and [metrics] port")
+    assert err.count("\n") == 1
+
+
 def test_unreachable_broker_exits_1_with_one_line_naming_the_url(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

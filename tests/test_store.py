@@ -78,6 +78,18 @@ def test_a_second_store_on_one_db_is_refused_until_the_first_closes(tmp_path: Pa
         assert store.accepted_task_ids() == {"t1"}
 
 
+def test_the_lock_holds_through_a_symlink_to_the_db(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    (tmp_path / "other").mkdir()
+    link = tmp_path / "other" / "link.db"
+    link.symlink_to(db)
+    with Store(db), pytest.raises(StoreInUseError, match="in use by another process"):
+        Store(link)
+    with Store(link), pytest.raises(StoreInUseError, match="in use by another process"):
+        Store(db)
+    assert not (tmp_path / "other" / "link.db.lock").exists()
+
+
 def test_read_only_store_reads_while_the_coordinator_holds_the_lock(tmp_path: Path) -> None:
     db = tmp_path / "s.db"
     with Store(db) as store:
