@@ -280,7 +280,14 @@ class Coordinator:
         self._envelope = self._pack(self.model, self.model_version, round_no - 1)
         self.last_round_done = round_no - 1
         """The highest round number finished, by this process or (from the store) an earlier one."""
-        seed = config.seed
+        # A fixed seed makes a fresh run reproducible; each later start on the same store
+        # draws another stream, or every restart would repeat the same selections and task
+        # ids (and the ids would collide with those of the round it reopens).
+        starts = int(store.get_meta("starts") or 0)
+        store.set_meta("starts", str(starts + 1))
+        seed: int | list[int] | None = config.seed
+        if config.seed is not None and starts:
+            seed = [config.seed, starts]
         self.machine = RoundMachine(
             config.rounds,
             self.selector,

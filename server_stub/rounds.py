@@ -676,8 +676,11 @@ class RoundMachine:
         return commands
 
     def _issue(self, cid: str, view: DeviceView | None, now: float, deadline: float) -> SendTask:
+        task_id = f"r{self.round_no}-{_token(self.rng)}"
+        while self._known(task_id):
+            task_id = f"r{self.round_no}-{_token(self.rng)}"  # never reuse an id
         task = IssuedTask(
-            task_id=f"r{self.round_no}-{_token(self.rng)}",
+            task_id=task_id,
             cid=cid,
             nonce=_token(self.rng),
             round_no=self.round_no,
@@ -735,6 +738,12 @@ class RoundMachine:
         round_no = self._end_round()
         self.state = RoundState.IDLE
         return [AbandonRound(round_no, reason)]
+
+    def _known(self, task_id: str) -> bool:
+        return any(
+            task_id in ids
+            for ids in (self.tasks, self.closed_tasks, self.accepted_before, self.accepted_now)
+        )
 
     def _end_round(self) -> int:
         round_no = self.round_no

@@ -563,3 +563,25 @@ def test_bad_envelope_between_rounds_is_only_counted() -> None:
         fail_task_on_bad_envelope=True,
     )
     assert m.handle(UpdateInvalid("bad_signature", cid="a")) == []
+
+
+def test_a_task_id_is_never_issued_twice() -> None:
+    class Stuck(np.random.Generator):
+        """Draws the same token twice, then carries on."""
+
+        def __init__(self) -> None:
+            super().__init__(np.random.PCG64(0))
+            self.calls = 0
+
+        def integers(self, *args: object, **kw: object) -> object:  # type: ignore[override]
+            self.calls += 1
+            return 7 if self.calls <= 4 else super().integers(*args, **kw)  # type: ignore[arg-type]
+
+    m = RoundMachine(
+        RoundSettings(clients_per_round=2, over_selection=1.0, deadline_s=10.0),
+        RandomSelector(),
+        Stuck(),
+    )
+    sent = [c for c in m.handle(Tick(0.0, views("a", "b"))) if isinstance(c, SendTask)]
+    ids = [s.task.task_id for s in sent]
+    assert len(ids) == 2 and len(set(ids)) == 2
