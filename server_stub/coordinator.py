@@ -308,7 +308,9 @@ class Coordinator:
         if snap is not None and config.rounds.mode == "sync":
             self._refold = self._kept_updates(round_no)
             self._restore_cmds = self.machine.restore(
-                snap, {kept.task_id: kept.meta.get("loss") for kept, _ in self._refold}
+                snap,
+                {kept.task_id: kept.meta.get("loss") for kept, _ in self._refold},
+                now=self.clock(),
             )
             if self._restore_cmds:
                 logger.info(
@@ -618,7 +620,9 @@ class Coordinator:
             crash_point("after_send_tasks", self.machine.round_no)
 
     def _start_round(self, cmd: StartRound, now: float) -> None:
-        self._io = _RoundIO(started_at=now)
+        # A reopened round started before the restart: its duration counts from then.
+        started = self.machine.started_at
+        self._io = _RoundIO(started_at=now if started is None else min(started, now))
         self.strategy.begin_round(self.model, round_no=cmd.round_no)
         logger.info("round %d started on model version %d", cmd.round_no, cmd.model_version)
         refold, self._refold = self._refold, []

@@ -47,6 +47,7 @@ since the task was issued); when the strategy's buffer is full (:class:`UpdateFo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -453,6 +454,11 @@ class RoundStats:
 # ----------------------------------------------------------------------------------- machine
 
 
+RESTORE_DRAIN_S = 10.0
+"""How long a restarted coordinator keeps a round open past its deadline for the updates the
+broker queued while it was down (a persistent session delivers them at once)."""
+
+
 def _token(rng: np.random.Generator) -> str:
     return f"{int(rng.integers(0, 2**63)):016x}"
 
@@ -557,7 +563,11 @@ class RoundMachine:
         }
 
     def restore(
-        self, snap: Mapping[str, Any], folded: Mapping[str, float | None] | None = None
+        self,
+        snap: Mapping[str, Any],
+        folded: Mapping[str, float | None] | None = None,
+        *,
+        now: float | None = None,
     ) -> list[Command]:
         """Reopen a round saved by :meth:`snapshot` after a restart.
 
@@ -572,6 +582,11 @@ class RoundMachine:
         :class:`StartRound` the coordinator must execute (empty if the snapshot had no open
         round), followed by the round's :class:`Aggregate` when the kept updates already
         reach the target.
+
+        A coordinator back after the round's deadline, or less than :data:`RESTORE_DRAIN_S`
+        before it (``now``), keeps the round open until ``now + RESTORE_DRAIN_S``: updates
+        the devices sent in time were queued by the broker while it was down and arrive
+        now; they are counted, not refused as ``late``.
         """
         if snap.get("state") not in (RoundState.COLLECTING.value, RoundState.AGGREGATING.value):
             return []
@@ -599,6 +614,12 @@ class RoundMachine:
         }
         self.deadline = snap.get("deadline")
         self.started_at = snap.get("started_at")
+        if now is not None and self.deadline is not None and self.deadline < now + RESTORE_DRAIN_S:
+            self.deadline = now + RESTORE_DRAIN_S
+            self.tasks = {
+                task_id: dataclasses.replace(t, deadline=max(t.deadline, self.deadline))
+                for task_id, t in self.tasks.items()
+            }
         self.state = RoundState.COLLECTING
         self.stats = RoundStats(selected=len(tasks))
         self.accepted_now = set(kept)
@@ -967,6 +988,7 @@ class RoundMachine:
 __all__ = [
     "ENVELOPE_REJECTIONS",
     "LOST_TASK",
+    "RESTORE_DRAIN_S",
     "TRANSITIONS",
     "AbandonRound",
     "Aggregate",

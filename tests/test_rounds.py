@@ -9,6 +9,7 @@ import pytest
 
 from server_stub.devices import DeviceView
 from server_stub.rounds import (
+    RESTORE_DRAIN_S,
     AbandonRound,
     Aggregate,
     AggregationDone,
@@ -482,6 +483,29 @@ def test_restore_counts_kept_updates_as_folded() -> None:
     assert tasks(m2.handle(Tick(2.0, views("a", "b")))) == []  # nobody asked again
     assert fold(m2, sent["b"]) == [Aggregate(1, "target")]
     assert m2.stats.participants == 2
+
+
+def test_restore_after_the_deadline_counts_updates_sent_in_time() -> None:
+    # The coordinator was down across the deadline (10.0); the broker queued b's update.
+    m = machine()
+    sent = started(m, views("a", "b"))
+    fold(m, sent["a"])
+    snap = m.snapshot()
+    m2 = machine()
+    now = 25.0
+    assert m2.restore(snap, {sent["a"].task.task_id: None}, now=now) == [
+        StartRound(1, 0, now + RESTORE_DRAIN_S)
+    ]
+    assert fold(m2, sent["b"], now=now + 1.0) == [Aggregate(1, "target")]  # not "late"
+    # A restart well before the deadline keeps it.
+    long = machine(deadline_s=30.0)
+    started(long, views("a", "b"))
+    assert machine(deadline_s=30.0).restore(long.snapshot(), now=1.0) == [StartRound(1, 0, 30.0)]
+    # After the drain window the round closes at its (new) deadline as usual.
+    m4 = machine()
+    m4.restore(snap, {sent["a"].task.task_id: None}, now=now)
+    out = m4.handle(Tick(now + RESTORE_DRAIN_S, views("a", "b")))
+    assert Aggregate(1, "deadline") in out
 
 
 def test_restore_with_every_update_kept_aggregates_at_once() -> None:
