@@ -432,6 +432,8 @@ class Coordinator:
                 now = self.clock()
                 if msg is not None:
                     self.handle_message(msg, now)
+                if stop.is_set():  # a stop that came meanwhile: no new round, no new tasks
+                    break
                 if now >= next_tick:
                     next_tick = now + self.config.tick_s
                     if now - begin >= self.config.startup_grace_s:
