@@ -22,6 +22,10 @@ This is the only module of fedge that imports paho. Rules:
   (``dropped_qos0``); QoS 0 promises nothing more. Held acknowledgements die
   with their connection: the broker redelivers those messages after a reconnect
   (QoS 1 is at-least-once; receivers already drop duplicates).
+- A connection the broker keeps closing soon after it was established (the sign of two
+  clients with one client id taking the session from each other) gets one WARNING that
+  names the likely cause and the fix, instead of only a stream of "Unspecified error"
+  disconnects (see ``SHORT_CONNECTION_S``).
 - Passwords are never logged and never appear in ``repr``.
 """
 
@@ -65,6 +69,20 @@ log = logging.getLogger(__name__)
 RC_NOT_AUTHORIZED = 0x87
 _CREDENTIAL_CODES = frozenset({0x86, 0x87, 0x8C})
 """CONNACK reasons: bad user name or password, not authorized, bad authentication method."""
+RC_SESSION_TAKEN_OVER = 0x8E
+
+SHORT_CONNECTION_S = 5.0
+"""A connection the broker closes within this many seconds (or twice
+``reconnect_min_delay_s``, if longer) of its CONNACK is short-lived."""
+SHORT_CONNECTIONS_TO_WARN = 3
+"""Short-lived connections in a row that make the transport warn of a client-id clash.
+
+When a second client connects with the same client id, the broker takes the session over
+and closes the first connection: Mosquitto 2.0 without a DISCONNECT (paho reports
+"Unspecified error"), newer brokers with MQTT 5 reason "Session taken over". Both clients
+reconnect after about ``reconnect_min_delay_s`` and knock each other off again, so each
+connection lasts well under a second. One such drop is an ordinary connection loss; several
+in a row are the clash (or a broker that keeps restarting), worth one clear warning."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +264,14 @@ class MqttTransport:
         persistent session that means the broker lost its state (restarted without its
         persistence file, or the session expired): its retained messages may be gone too,
         so a publisher of retained state (the coordinator's model) publishes it again."""
+        self.client_id_clash_warnings = 0
+        """Times this transport warned that the broker keeps closing its connections soon
+        after connecting (probably another client with the same client id); once per run
+        of ``SHORT_CONNECTIONS_TO_WARN`` or more short-lived connections in a row."""
+        self._connected_at: float | None = None
+        """Monotonic time of the current connection's CONNACK; None while disconnected."""
+        self._short_in_a_row = 0
+        """Connections in a row the broker closed soon after connecting (network thread only)."""
 
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -594,6 +620,7 @@ class MqttTransport:
         reconnect = self._ever_connected
         self._ever_connected = True
         self._attempt = 0
+        self._connected_at = time.monotonic()
         self._connected.set()
         if reconnect:
             self.reconnects += 1
@@ -634,8 +661,47 @@ class MqttTransport:
             # Acknowledgements are per connection; the broker redelivers what was not acked.
             self._generation += 1
             self._held_acks = []
-        if not self._closing.is_set():
-            log.warning("disconnected from %s: %s", self.settings.url, reason)
+        connected_at, self._connected_at = self._connected_at, None
+        if self._closing.is_set():
+            return
+        # Once the clash warning below has explained the drops, each further one is expected:
+        # INFO, so the log shows one clear signal instead of a warning every half second.
+        warned = self._short_in_a_row >= SHORT_CONNECTIONS_TO_WARN
+        log.log(
+            logging.INFO if warned else logging.WARNING,
+            "disconnected from %s: %s", self.settings.url, reason,
+        )  # fmt: skip
+        self._count_short_connection(connected_at, flags, reason)
+
+    def _count_short_connection(
+        self, connected_at: float | None, flags: mqtt.DisconnectFlags, reason: ReasonCode
+    ) -> None:
+        """Count connections in a row the broker closed soon after connecting; warn once per run.
+
+        Runs on the network thread, for disconnects we did not ask for. A DISCONNECT from the
+        broker with a reason of its own (packet too large, server shutting down, ...) names its
+        cause: it neither counts nor ends the run. A connection that lasted ends it.
+        """
+        if connected_at is None:  # the connect itself failed: no connection ended
+            return
+        if flags.is_disconnect_packet_from_server and (
+            _reason_value(reason) != RC_SESSION_TAKEN_OVER
+        ):
+            return
+        limit = max(SHORT_CONNECTION_S, 2 * self.settings.reconnect_min_delay_s)
+        if time.monotonic() - connected_at >= limit:
+            self._short_in_a_row = 0
+            return
+        self._short_in_a_row += 1
+        if self._short_in_a_row == SHORT_CONNECTIONS_TO_WARN:
+            self.client_id_clash_warnings += 1
+            log.warning(
+                "the broker %s closed the connection of client id %r %d times in a row within "
+                "%.0f s of connecting (last: %s); another client (a second coordinator or agent) "
+                "probably uses the same client id and each connection takes over the other's "
+                "session: give each process its own client_id (device_id for agents)",
+                self.settings.url, self.settings.client_id, self._short_in_a_row, limit, reason,
+            )  # fmt: skip
 
     def _on_publish(
         self,

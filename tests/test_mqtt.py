@@ -2,11 +2,13 @@
 
 Covers each message type end to end, retained status, the Last Will of a
 SIGKILLed client, reconnect across a broker restart without losing a QoS-1
-update, a 50 MB model through chunking, TLS, password auth and the ACL.
+update, the warning for two clients with one client id, a 50 MB model through
+chunking, TLS, password auth and the ACL.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import signal
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from edge import mqtt_transport
 from edge.chunking import Reassembler
 from edge.mqtt_transport import MqttSettings, MqttTransport, connect_url
 from edge.transport import (
@@ -43,6 +46,7 @@ from edge.wire import (
 )
 from tests import regen_fixtures as golden
 from tests.broker import DEVICE_ACL, MosquittoBroker, TlsFiles
+from tests.test_agent import wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(60)]
 
@@ -227,6 +231,73 @@ def test_broker_restart_loses_no_qos1_update(
     late = connect("late")
     late.subscribe(T.status("pi-01"))
     assert receive_on(late, T.status("pi-01")).retain
+
+
+# --------------------------------------------------------------------------- client id clash
+
+
+def clash_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "uses the same client id" in r.getMessage()
+    ]
+
+
+def test_two_clients_with_one_client_id_warn_once_each(
+    connect: Callable[..., MqttTransport], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: a second coordinator started with the example config's client id
+    with caplog.at_level(logging.INFO, logger="edge.mqtt_transport"):
+        first = connect("fedge-coordinator")
+        second = connect("fedge-coordinator")
+        # Execute: they take the session from each other, again and again
+        wait_for(lambda: first.client_id_clash_warnings + second.client_id_clash_warnings == 2, 15)
+        flaps = first.reconnects + second.reconnects
+        wait_for(lambda: first.reconnects + second.reconnects >= flaps + 6, 15)
+        first.close()
+        assert second.wait_connected(5)
+    # Assert: one warning per client naming the id and the fix, then the drops go to INFO
+    assert first.client_id_clash_warnings == second.client_id_clash_warnings == 1
+    warnings = clash_warnings(caplog)
+    assert len(warnings) == 2
+    assert all("'fedge-coordinator'" in w and "its own client_id" in w for w in warnings)
+    drops = [r for r in caplog.records if r.getMessage().startswith("disconnected from")]
+    loud = [r for r in drops if r.levelno == logging.WARNING]
+    assert len(loud) <= 2 * mqtt_transport.SHORT_CONNECTIONS_TO_WARN < len(drops)
+
+
+def test_only_a_run_of_short_connections_warns(
+    connect: Callable[..., MqttTransport],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: connections count as long-lived after 1 s instead of 5 s
+    monkeypatch.setattr(mqtt_transport, "SHORT_CONNECTION_S", 1.0)
+    dev = connect("pi-01")
+    pause = threading.Event()
+
+    def drops(pattern: str) -> int:
+        """Cut the connection once per letter: S right after connecting, L after 1.2 s."""
+        for kind in pattern:
+            if kind == "L":
+                pause.wait(1.2)
+            after = dev.reconnects + 1
+            dev.simulate_connection_loss()
+            wait_for(lambda after=after: dev.reconnects >= after)
+        return dev.client_id_clash_warnings
+
+    with caplog.at_level(logging.INFO, logger="edge.mqtt_transport"):
+        # Execute / Assert: a connection that lasted ends the run; the third short one in a
+        # row warns once; a new run after a lasting connection warns again
+        assert drops("SSLSS") == 0
+        assert drops("L") == 0
+        assert drops("S") == 0
+        assert drops("SS") == 1
+        assert drops("SS") == 1
+        assert drops("LSSS") == 2
+    warnings = clash_warnings(caplog)
+    assert len(warnings) == 2 and "'pi-01' 3 times in a row within 1 s" in warnings[0]
 
 
 # --------------------------------------------------------------------------- 50 MB model
