@@ -13,9 +13,10 @@ round machine, validator, strategy) meet I/O (transport, store, clock). Rules:
   before an update is folded when an acknowledgement is not yet saved, and at the next tick
   after one arrives; so every folded update's acknowledgement is on disk and a restarted
   coordinator can ask again the devices whose updates died with it.
-- Synchronous rounds: every folded update's envelope is stored (``Store.save_folded``) before
-  the round machine counts it; a restarted coordinator folds the stored ones into the
-  reopened round again, in their order, instead of asking those devices to train again.
+- Every folded update's envelope is stored (``Store.save_folded``) before the round machine
+  counts it; a restarted coordinator folds the stored ones into the reopened round (async:
+  the buffer of the current version) again, in their order, instead of asking those devices
+  to train again.
 - With ``require_signature`` an update of the topic's device rejected ``bad_envelope``,
   ``bad_signature`` or ``wrong_cid`` fails that device's task at once (the production
   broker's ACL lets only the device publish on its update topic). Refused twice in a row for
@@ -305,7 +306,7 @@ class Coordinator:
         self._refold: list[tuple[FoldedUpdate, ModelUpdate]] = []
         """Updates kept by the store that the reopened round folds in again."""
         snap = store.open_round()
-        if snap is not None and config.rounds.mode == "sync":
+        if snap is not None:
             self._refold = self._kept_updates(round_no)
             self._restore_cmds = self.machine.restore(
                 snap,
@@ -628,6 +629,7 @@ class Coordinator:
         self.strategy.begin_round(self.model, round_no=cmd.round_no)
         logger.info("round %d started on model version %d", cmd.round_no, cmd.model_version)
         refold, self._refold = self._refold, []
+        ready = False
         for kept, parsed in refold:
             decoded = self.validator.decode(parsed)
             assert not isinstance(decoded, Rejected)  # _kept_updates checked it
@@ -636,6 +638,7 @@ class Coordinator:
                 decoded, kept.cid, int(meta.get("staleness", 0)), float(meta.get("capability", 1))
             )
             verdict = self.strategy.accept(accepted)
+            ready = verdict.ready
             if not verdict.accepted:  # the strategy's settings changed across the restart
                 logger.error(
                     "round %d: kept update %s from %s refused by the strategy now: %s",
@@ -648,6 +651,8 @@ class Coordinator:
             self._io.accepted.append((kept.task_id, kept.cid))
             self._io.examples += decoded.update.num_examples
             self._io.bytes_up += len(kept.envelope)
+        if ready:  # async: the kept updates alone fill the buffer
+            self._execute(self.machine.buffer_full(), now)
 
     def _send_task(self, cmd: SendTask) -> None:
         t = cmd.task
@@ -714,11 +719,10 @@ class Coordinator:
         self._io.accepted.append((cmd.task_id, cmd.cid))
         self._io.examples += decoded.update.num_examples
         loss = decoded.update.metrics.get("loss")
-        if self.config.rounds.mode == "sync":
-            # Kept until the round closes: a restarted coordinator folds it in again instead
-            # of asking the device to train once more.
-            meta = {"staleness": cmd.staleness, "capability": capability, "loss": loss}
-            self.store.save_folded(self.machine.round_no, cmd.task_id, cmd.cid, meta, received.data)
+        # Kept until the round (async: the model version) closes: a restarted coordinator
+        # folds it in again instead of asking the device to train once more.
+        meta = {"staleness": cmd.staleness, "capability": capability, "loss": loss}
+        self.store.save_folded(self.machine.round_no, cmd.task_id, cmd.cid, meta, received.data)
         self.registry.record_success(cmd.cid, loss)
         crash_point("after_fold", self.machine.round_no)
         self._feed(UpdateFolded(cmd.task_id, ready=verdict.ready, loss=loss), now)
@@ -820,6 +824,7 @@ class Coordinator:
         self._io = _RoundIO(started_at=now)
         if self.config.rounds.mode == "async":
             self.strategy.begin_round(self.model, round_no=self.machine.round_no)
+            self._save_open_round()  # the tasks still out, now of the next version's window
 
     def _abandon(self, cmd: AbandonRound, now: float) -> None:
         self._finish_round(cmd.round_no, "abandoned", now, reason=cmd.reason)

@@ -592,32 +592,40 @@ class RoundMachine:
             return []
         if int(snap["round_no"]) != self.round_no:
             return []  # the round was checkpointed after the snapshot: nothing to reopen
-        tasks = [IssuedTask.from_json(t) for t in snap.get("tasks", [])]
+        asynchronous = self.settings.mode == "async"
+        # Async tasks live across model versions: one counted in a checkpointed version is done.
+        tasks = [
+            t
+            for t in (IssuedTask.from_json(obj) for obj in snap.get("tasks", []))
+            if t.task_id not in self.accepted_before
+        ]
         self.tasks = {t.task_id: t for t in tasks}
-        kept = {
-            task_id: loss
-            for task_id, loss in (folded or {}).items()
-            if task_id in self.tasks and task_id not in self.accepted_before
+        kept = {task_id: loss for task_id, loss in (folded or {}).items() if task_id in self.tasks}
+        self.outstanding = {
+            str(cid): str(task_id)
+            for cid, task_id in dict(snap.get("outstanding", {})).items()
+            if task_id in self.tasks and task_id not in kept
         }
-        self.outstanding = {str(k): str(v) for k, v in dict(snap.get("outstanding", {})).items()}
         # Tasks folded before the crash and not kept are outstanding again: their device may
         # resend. Kept ones are folded again, whatever the snapshot said.
         for t in tasks:
-            if t.task_id in kept:
-                if self.outstanding.get(t.cid) == t.task_id:
-                    del self.outstanding[t.cid]
-            elif t.cid not in self.outstanding and t.task_id not in self.accepted_before:
+            if t.task_id not in kept and t.cid not in self.outstanding:
                 self.outstanding[t.cid] = t.task_id
+        if asynchronous:  # a folded async task is closed (see _on_folded)
+            for task_id in kept:
+                self.closed_tasks[task_id] = self.tasks.pop(task_id)
         self._in_round = set(snap.get("in_round", []))
         self.acknowledged = {
             str(t) for t in snap.get("acknowledged", []) if t in self.tasks and t not in kept
         }
         self.deadline = snap.get("deadline")
         self.started_at = snap.get("started_at")
-        if now is not None and self.deadline is not None and self.deadline < now + RESTORE_DRAIN_S:
-            self.deadline = now + RESTORE_DRAIN_S
+        if now is not None:
+            floor = now + RESTORE_DRAIN_S
+            if self.deadline is not None and self.deadline < floor:
+                self.deadline = floor
             self.tasks = {
-                task_id: dataclasses.replace(t, deadline=max(t.deadline, self.deadline))
+                task_id: dataclasses.replace(t, deadline=floor) if t.deadline < floor else t
                 for task_id, t in self.tasks.items()
             }
         self.state = RoundState.COLLECTING
@@ -625,11 +633,23 @@ class RoundMachine:
         self.accepted_now = set(kept)
         self.stats.participants = len(kept)
         self.stats.losses = [loss for loss in kept.values() if loss is not None]
+        if asynchronous:
+            return [StartRound(self.round_no, self.model_version, math.inf)]
         assert self.deadline is not None
         commands: list[Command] = [StartRound(self.round_no, self.model_version, self.deadline)]
         if self.stats.participants >= self.settings.clients_per_round:
             commands += self._close_at_target()
         return commands
+
+    def buffer_full(self) -> list[Command]:
+        """Async, after a restart: the strategy's buffer filled up with the kept updates
+        alone (the process died between the last fold and the checkpoint); aggregate now."""
+        if self.settings.mode != "async" or self.state is not RoundState.COLLECTING:
+            raise RoundProtocolError(
+                f"buffer_full() in {self.settings.mode} state {self.state.name}"
+            )
+        self.state = RoundState.AGGREGATING
+        return [Aggregate(self.round_no, "buffer")]
 
     # -- dispatch ----------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from edge.modelio import encode_update, unpack_model
 from edge.transport import InMemoryBroker, InMemoryTransport, publish_chunked
@@ -90,13 +91,17 @@ def _upload(
     publish_chunked(device, Topics(FLEET).update(cid), update.to_bytes(), chunk_size=4096)
 
 
-def _round_of_two(tmp_path: Path, *, restart: bool) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Round 1 of two devices; pi-00 uploads first, then (``restart``) the coordinator stops
-    and a new one opens the same store, then pi-01 uploads. Returns the new model and the
-    task ids each device was sent."""
+def _round_of_two(
+    tmp_path: Path, *, restart: bool, mode: str = "sync"
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Round 1 of two devices (async: a FedBuff buffer of two); pi-00 uploads first, then
+    (``restart``) the coordinator stops and a new one opens the same store, then pi-01
+    uploads. Returns the new model and the task ids each device was sent."""
     broker = InMemoryBroker()
     raw = make_config("mqtt://127.0.0.1:1883", tmp_path / "c.db", clients_per_round=2)
-    raw["rounds"]["deadline_s"] = 300.0
+    raw["rounds"].update(deadline_s=300.0, mode=mode, concurrency=2)
+    if mode == "async":
+        raw["strategy"].update(name="fedbuff", buffer_size=2)
     raw.update(tick_s=60.0, startup_grace_s=0.0)
     config = config_from_dict(raw)
     layout, weights = config.layout_and_weights()
@@ -160,17 +165,19 @@ def _round_of_two(tmp_path: Path, *, restart: bool) -> tuple[dict[str, np.ndarra
     return unpack_model(GlobalModel.from_bytes(stored.envelope)), sent
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
 def test_updates_folded_before_a_restart_are_folded_again_not_asked_again(
-    tmp_path: Path,
+    tmp_path: Path, mode: str
 ) -> None:
     # Execute: the same round, once straight through and once with a coordinator restart
     # between the two uploads.
-    straight, sent_straight = _round_of_two(tmp_path / "straight", restart=False)
-    resumed, sent_resumed = _round_of_two(tmp_path / "resumed", restart=True)
+    straight, sent_straight = _round_of_two(tmp_path / "straight", restart=False, mode=mode)
+    resumed, sent_resumed = _round_of_two(tmp_path / "resumed", restart=True, mode=mode)
     # Assert: nobody was asked to train again (pi-00's idle status after its upload does not
     # make its task lost: the update is kept), and the model is the same, bit for bit (the
     # kept update is folded in again first, in the order it arrived).
-    assert len(sent_resumed) == len(sent_straight) == 2
+    assert len(sent_resumed) == len(sent_straight)
+    assert len(sent_straight) == (2 if mode == "sync" else 3)  # async refills pi-00's slot
     assert straight.keys() == resumed.keys()
     for name in straight:
         np.testing.assert_array_equal(straight[name], resumed[name])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -506,6 +507,40 @@ def test_restore_after_the_deadline_counts_updates_sent_in_time() -> None:
     m4.restore(snap, {sent["a"].task.task_id: None}, now=now)
     out = m4.handle(Tick(now + RESTORE_DRAIN_S, views("a", "b")))
     assert Aggregate(1, "deadline") in out
+
+
+def test_async_restore_keeps_live_tasks_and_the_buffer() -> None:
+    # Prepare: three tasks out; a's update is in the buffer (kept), b's was counted in a
+    # checkpointed version, c is still training.
+    m = machine(mode="async", concurrency=3, max_staleness=5)
+    sent = {s.task.cid: s for s in tasks(m.handle(Tick(0.0, views("a", "b", "c"))))}
+    snap = m.snapshot()
+    m2 = RoundMachine(
+        RoundSettings(
+            clients_per_round=2, over_selection=1.0, deadline_s=10.0, mode="async",
+            concurrency=3, max_staleness=5,
+        ),
+        RandomSelector(),
+        np.random.default_rng(1),
+        accepted_task_ids=(sent["b"].task.task_id,),
+    )  # fmt: skip
+    # Execute
+    out = m2.restore(snap, {sent["a"].task.task_id: 0.3}, now=2.0)
+    # Assert
+    assert out == [StartRound(1, 0, math.inf)]
+    assert m2.outstanding == {"c": sent["c"].task.task_id}
+    assert m2.stats.participants == 1
+    assert receive(m2, sent["a"], now=3.0)[0] == RejectUpdate(
+        "a", sent["a"].task.task_id, "duplicate"
+    )
+    assert receive(m2, sent["b"], now=3.0)[0] == RejectUpdate(
+        "b", sent["b"].task.task_id, "replayed"
+    )
+    assert fold(m2, sent["c"], now=3.0) == []  # c's update still counts after the restart
+    assert m2.buffer_full() == [Aggregate(1, "buffer")]
+    assert m2.state is RoundState.AGGREGATING
+    with pytest.raises(RoundProtocolError, match="buffer_full"):
+        machine().buffer_full()
 
 
 def test_restore_with_every_update_kept_aggregates_at_once() -> None:
