@@ -366,6 +366,8 @@ del S
 
 _SEEN_TASKS: Final = 1024
 """Task ids remembered to ignore QoS-1 redeliveries and repeats."""
+_HELD_MAX: Final = 1024
+"""Messages taken off the transport while training (to find a cancel), at most."""
 
 
 @dataclass(slots=True)
@@ -947,7 +949,8 @@ class AgentRunner:
         """
         found: TaskCancel | None = None
         try:
-            while (msg := self.transport.receive(0.0)) is not None:
+            # Bounded, so that the transport's back-pressure still holds while training.
+            while len(self._held) < _HELD_MAX and (msg := self.transport.receive(0.0)) is not None:
                 if found is None and msg.topic == self.topics.task(self.options.cid):
                     try:
                         parsed = parse_task_message(msg.payload)
