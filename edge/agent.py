@@ -1188,11 +1188,13 @@ class AgentRunner:
                 should_stop=lambda: self._should_stop(task),
             )
             aborted = self._take_abort_reason()
+            # A stopped run measured the device's speed too: a device that is often cancelled
+            # (a straggler) still reports it, which speed-aware selection needs.
+            if result.samples_per_s > 0:
+                self.samples_per_s = result.samples_per_s
             if aborted is not None:
                 return TrainingAborted(task.task_id, aborted)
             self.stats.trainings += 1
-            if result.samples_per_s > 0:
-                self.samples_per_s = result.samples_per_s
             self._prepared = self._encode(task, model, result, control)
         except (ValueError, RuntimeError, CodecError) as exc:  # TrainingError, LiteRT errors
             log.exception("agent %s: training task %s failed", self.options.cid, task.task_id)

@@ -552,6 +552,7 @@ def test_cancel_during_training_stops_it_and_uploads_nothing(tmp_path: Path, wei
         # Assert: stopped within a stop check, nothing sent, and the device works on.
         assert status.declined is not None and status.declined.reason == "cancelled"
         assert runner.stats.tasks_cancelled == 1 and runner.stats.trainings == 0
+        assert runner.samples_per_s  # measured by the stopped run
         coord.send(task("t2"))
         update = coord.next_update()
     finally:
