@@ -600,7 +600,13 @@ class RoundMachine:
             if t.task_id not in self.accepted_before
         ]
         self.tasks = {t.task_id: t for t in tasks}
-        kept = {task_id: loss for task_id, loss in (folded or {}).items() if task_id in self.tasks}
+        # Async: a task folded before the last snapshot had already left ``tasks`` (it is
+        # closed at its fold), but its kept update still belongs to this version's buffer.
+        kept = {
+            task_id: loss
+            for task_id, loss in (folded or {}).items()
+            if task_id in self.tasks or (asynchronous and task_id not in self.accepted_before)
+        }
         self.outstanding = {
             str(cid): str(task_id)
             for cid, task_id in dict(snap.get("outstanding", {})).items()
@@ -613,7 +619,8 @@ class RoundMachine:
                 self.outstanding[t.cid] = t.task_id
         if asynchronous:  # a folded async task is closed (see _on_folded)
             for task_id in kept:
-                self.closed_tasks[task_id] = self.tasks.pop(task_id)
+                if task_id in self.tasks:
+                    self.closed_tasks[task_id] = self.tasks.pop(task_id)
         self._in_round = set(snap.get("in_round", []))
         self.acknowledged = {
             str(t) for t in snap.get("acknowledged", []) if t in self.tasks and t not in kept

@@ -524,12 +524,12 @@ def test_async_restore_keeps_live_tasks_and_the_buffer() -> None:
         np.random.default_rng(1),
         accepted_task_ids=(sent["b"].task.task_id,),
     )  # fmt: skip
-    # Execute
-    out = m2.restore(snap, {sent["a"].task.task_id: 0.3}, now=2.0)
+    # Execute: "z" was folded before the snapshot was taken (it left the live tasks then)
+    out = m2.restore(snap, {sent["a"].task.task_id: 0.3, "r1-z": 0.5}, now=2.0)
     # Assert
     assert out == [StartRound(1, 0, math.inf)]
     assert m2.outstanding == {"c": sent["c"].task.task_id}
-    assert m2.stats.participants == 1
+    assert m2.stats.participants == 2 and m2.stats.losses == [0.3, 0.5]
     assert receive(m2, sent["a"], now=3.0)[0] == RejectUpdate(
         "a", sent["a"].task.task_id, "duplicate"
     )
