@@ -823,6 +823,8 @@ class AgentRunner:
         self._prepared: _PreparedUpdate | None = None
         self._residuals: dict[str, F32] | None = None
         self._abort_reason: str | None = None
+        self._older_seen: set[int] = set()
+        """Older model versions announced, each warned about once."""
         self._held: deque[Message] = deque()
         """Messages taken off the transport while training or before an upload."""
         self._last_batch: float | None = None
@@ -971,8 +973,20 @@ class AgentRunner:
 
     def _on_manifest(self, manifest: ModelManifest) -> None:
         have = self.model.manifest if self.model is not None else None
-        if have is not None and manifest.model_version <= have.model_version:
-            return  # cached, or older than what we have
+        if have is not None and manifest.model_version < have.model_version:
+            if manifest.model_version not in self._older_seen:  # once per version
+                self._older_seen.add(manifest.model_version)
+                log.warning(
+                    "agent %s: the coordinator announces model version %d, older than the "
+                    "version %d this device holds; it loads only newer versions, so it will "
+                    "decline tasks on older ones (a coordinator started from another or an "
+                    "older state db? to follow it, delete model.bin and model.json in this "
+                    "device's state_dir)",
+                    self.options.cid, manifest.model_version, have.model_version,
+                )  # fmt: skip
+            return
+        if have is not None and manifest.model_version == have.model_version:
+            return  # cached
         self._manifest = manifest
         self._envelopes = {v: e for v, e in self._envelopes.items() if v == manifest.model_version}
         self._try_complete()

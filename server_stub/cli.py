@@ -241,10 +241,11 @@ def _check_retained_model(
                     f"versions, so those that saw version {theirs} would decline every task "
                     f"(model_unavailable). Start from the state db that published version "
                     f"{theirs}, or use a new fleet id (`fleet`, here and in the agents' "
-                    f"configs), or clear the fleet's retained model: mosquitto_pub -r -n -t "
-                    f"{topic}, and the same for its chunks {chunks} (devices that loaded "
-                    f"version {theirs} take this coordinator's models again from version "
-                    f"{theirs + 1})"
+                    f"configs), or, if no device has loaded version {theirs} yet, clear the "
+                    f"fleet's retained model: mosquitto_pub -r -n -t {topic}, and the same for "
+                    f"its chunks {chunks} (a device that has loaded it keeps it in its "
+                    f"state_dir, model.bin and model.json, and declines older versions until "
+                    f"those are deleted)"
                 )
             logger.info(
                 "the broker holds model version %d of fleet %s; this state db publishes %d",

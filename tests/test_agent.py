@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -558,6 +559,32 @@ def test_cancel_during_training_stops_it_and_uploads_nothing(tmp_path: Path, wei
     finally:
         stop_runner(runner, thread)
     assert update.task_id == "t2" and runner.stats.updates_sent == 1
+
+
+def test_an_older_model_announced_is_refused_with_one_warning(
+    tmp_path: Path, weights: dict, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = InMemoryBroker()
+    coord = Coordinator(broker)
+    coord.publish_model(weights, 5)
+    runner, thread = start_runner(broker, tmp_path)
+    try:
+        wait_for(lambda: runner.stats.models_loaded == 1)
+        with caplog.at_level(logging.WARNING, logger="edge.agent"):
+            coord.publish_model(weights, 2)  # a coordinator started from an older state db
+            coord.publish_model(weights, 2)
+            coord.send(task("t9", version=2))
+            status = coord.next_decline()
+    finally:
+        stop_runner(runner, thread)
+    warnings = [
+        r.getMessage() for r in caplog.records if "older than the version" in r.getMessage()
+    ]
+    assert len(warnings) == 1, warnings
+    assert "announces model version 2, older than the version 5 this device holds" in warnings[0]
+    assert "delete model.bin and model.json" in warnings[0]
+    assert status.declined is not None and status.declined.reason == "model_unavailable"
+    assert runner.model is not None and runner.model.manifest.model_version == 5
 
 
 def test_error_feedback_residual_survives_a_restart(tmp_path: Path, weights: dict) -> None:

@@ -90,9 +90,9 @@ def test_a_newer_retained_model_exits_2_and_leaves_broker_and_db_alone(
         f"(retained on {MANIFEST}), newer than version {db_version or 0} of state db {db}{fresh}; "
         "devices load only increasing versions, so those that saw version 5 would decline "
         "every task (model_unavailable). Start from the state db that published version 5, "
-        "or use a new fleet id (`fleet`, here and in the agents' configs), or clear the "
-        f"fleet's retained model: mosquitto_pub -r -n -t {MANIFEST}, and the same for its "
-        "chunks fl/v1/lab/model/5/0 to fl/v1/lab/model/5/2 ("
+        "or use a new fleet id (`fleet`, here and in the agents' configs), or, if no device "
+        "has loaded version 5 yet, clear the fleet's retained model: mosquitto_pub -r -n -t "
+        f"{MANIFEST}, and the same for its chunks fl/v1/lab/model/5/0 to fl/v1/lab/model/5/2 ("
     )
     # ... and the evidence is kept: the broker still holds version 5, the db got no checkpoint
     assert retained_manifest(mosquitto) == ModelManifest.from_bytes(manifest(5, chunk_count=3))
