@@ -40,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -286,6 +287,10 @@ class Coordinator:
         # ids (and the ids would collide with those of the round it reopens).
         starts = int(store.get_meta("starts") or 0)
         store.set_meta("starts", str(starts + 1))
+        salt = store.get_meta("task_id_salt")
+        if salt is None:  # one per state db: another deployment never repeats its task ids
+            salt = secrets.token_hex(3)
+            store.set_meta("task_id_salt", salt)
         seed: int | list[int] | None = config.seed
         if config.seed is not None and starts:
             seed = [config.seed, starts]
@@ -297,6 +302,7 @@ class Coordinator:
             model_version=self.model_version,
             accepted_task_ids=store.accepted_task_ids(),
             fail_task_on_bad_envelope=config.validation.require_signature,
+            task_id_salt=salt,
         )
         self._acks_unsaved = False
         """An acknowledgement arrived that the stored snapshot does not hold yet."""

@@ -479,6 +479,9 @@ class RoundMachine:
     fail_task_on_bad_envelope
         An update of the topic's device rejected as one of :data:`ENVELOPE_REJECTIONS` fails
         that device's outstanding task at once (set when only the device can publish there).
+    task_id_salt
+        Text put into every task id, so that two state dbs never issue the same ids, whatever
+        their seed (devices ignore a task id they have seen).
     """
 
     def __init__(
@@ -491,8 +494,11 @@ class RoundMachine:
         model_version: int = 0,
         accepted_task_ids: Iterable[str] = (),
         fail_task_on_bad_envelope: bool = False,
+        task_id_salt: str = "",
     ) -> None:
         self.settings = settings
+        self.task_id_salt = task_id_salt
+        """Put in every task id after the round number (``r7-<salt><token>``)."""
         self.selector = selector
         self.rng = rng
         self.state = RoundState.IDLE
@@ -724,9 +730,9 @@ class RoundMachine:
         return commands
 
     def _issue(self, cid: str, view: DeviceView | None, now: float, deadline: float) -> SendTask:
-        task_id = f"r{self.round_no}-{_token(self.rng)}"
-        while self._known(task_id):
-            task_id = f"r{self.round_no}-{_token(self.rng)}"  # never reuse an id
+        task_id = f"r{self.round_no}-{self.task_id_salt}{_token(self.rng)}"
+        while self._known(task_id):  # never reuse an id
+            task_id = f"r{self.round_no}-{self.task_id_salt}{_token(self.rng)}"
         task = IssuedTask(
             task_id=task_id,
             cid=cid,

@@ -200,3 +200,20 @@ def test_each_start_on_a_store_draws_its_own_stream_a_fresh_one_the_seeds(tmp_pa
             coord.close()
     assert draws[0] == int(np.random.default_rng(0).integers(0, 2**63))
     assert len(set(draws)) == 3
+
+
+def test_two_state_dbs_never_issue_the_same_task_ids(tmp_path: Path) -> None:
+    # Same seed, two fresh state dbs (a redeployment): devices that served the first would
+    # ignore a repeated task id as a redelivery, so the ids must differ.
+    ids = []
+    for name in ("first", "second"):
+        config = config_from_dict(make_config("mqtt://127.0.0.1:1883", tmp_path / name / "c.db"))
+        layout, weights = config.layout_and_weights()
+        with Store(tmp_path / name / "c.db") as store:
+            coord = Coordinator(
+                config, InMemoryBroker().connect("coord"), store, layout=layout,
+                initial_weights=weights,
+            )  # fmt: skip
+            coord.close()
+        ids.append(coord.machine.task_id_salt)
+    assert all(len(salt) == 6 for salt in ids) and ids[0] != ids[1]
