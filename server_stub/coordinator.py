@@ -43,6 +43,7 @@ import math
 import secrets
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -178,6 +179,8 @@ class _RoundIO:
     accepted: list[tuple[str, str]] = field(default_factory=list)
     examples: int = 0
     cancelled: int = 0
+    dropped_by_reason: Counter[str] = field(default_factory=Counter)
+    """Why devices left their task this round (``declined:model_unavailable``, ``deadline``)."""
     waiting_logged: bool = False
 
 
@@ -752,6 +755,7 @@ class Coordinator:
         )
 
     def _drop(self, cmd: DropDevice, now: float) -> None:
+        self._io.dropped_by_reason[cmd.reason] += 1
         refused = cmd.reason.removeprefix("invalid_update:")
         if cmd.reason == "round_complete":
             self.registry.set_busy(cmd.cid, False)
@@ -838,10 +842,12 @@ class Coordinator:
     def _finish_round(self, round_no: int, outcome: str, now: float, reason: str) -> None:
         record = self._record(round_no, self.model_version, outcome, now, reason)
         self.store.record_round(round_no, outcome, record)
+        why = ", ".join(f"{r} x{n}" for r, n in self._io.dropped_by_reason.most_common())
         logger.warning(
-            "round %d abandoned (%s); keeping model version %d",
+            "round %d abandoned (%s%s); keeping model version %d",
             round_no,
             reason,
+            f": {why}" if why else "",
             self.model_version,
         )
         self._emit(record)
@@ -869,6 +875,9 @@ class Coordinator:
             "timed_out": stats.timed_out,
             "replaced": stats.replaced,
             "cancelled": self._io.cancelled,
+            "dropped_by_reason": {
+                r: n for r, n in self._io.dropped_by_reason.items() if r != "round_complete"
+            },
             "rejected": sum(stats.rejected.values()),
             "rejected_by_reason": dict(stats.rejected),
             "num_examples": self._io.examples,

@@ -81,7 +81,12 @@ def test_device_with_a_wrong_key_is_held_back_until_it_restarts(
                 _deliver(coord, transport, NOW + i)
         # Assert: held back after the second refusal, with a warning that names the fix.
         assert [r["outcome"] for r in store.rounds()] == ["abandoned", "abandoned"]
+        assert store.rounds()[0]["dropped_by_reason"] == {"invalid_update:bad_signature": 1}
         warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert (
+            "round 1 abandoned (every selected device dropped out before quorum: "
+            "invalid_update:bad_signature x1); keeping model version 0"
+        ) in warning
         assert any(
             "device pi-00: 2 updates in a row refused (bad_signature); not asking it for 60 s" in m
             for m in warning
