@@ -636,7 +636,13 @@ class Coordinator:
         started = self.machine.started_at
         self._io = _RoundIO(started_at=now if started is None else min(started, now))
         self.strategy.begin_round(self.model, round_no=cmd.round_no)
-        logger.info("round %d started on model version %d", cmd.round_no, cmd.model_version)
+        reopened = bool(self._restore_cmds)  # the first StartRound of a resumed run
+        logger.info(
+            "round %d %s on model version %d",
+            cmd.round_no,
+            "reopened" if reopened else "started",
+            cmd.model_version,
+        )
         refold, self._refold = self._refold, []
         ready = False
         for kept, parsed in refold:
