@@ -13,7 +13,9 @@ States (``TRANSITIONS`` is the whole table; anything else raises :class:`RoundPr
 Rules of a synchronous round (``mode="sync"``):
 
 - Selection never blocks: too few eligible devices → :class:`WaitForDevices`, try again at
-  the next :class:`Tick`. ``over_select(K)`` devices are asked.
+  the next :class:`Tick`. ``over_select(K)`` devices are asked. After a round that made no
+  model the next waits :data:`RETRY_BASE_S`, doubling with each further failure, up to
+  ``deadline_s``.
 - The round closes when K updates were folded in, or at the deadline if at least
   ``ceil(min_fraction × K)`` were; otherwise it is abandoned and the model kept. It also
   closes early when nobody is left to wait for and no replacement can be found.
@@ -454,6 +456,9 @@ class RoundStats:
 # ----------------------------------------------------------------------------------- machine
 
 
+RETRY_BASE_S = 1.0
+"""The pause before the next round after a failed one; it doubles with each further failure
+in a row, up to ``deadline_s``."""
 RESTORE_DRAIN_S = 10.0
 """How long a restarted coordinator keeps a round open past its deadline for the updates the
 broker queued while it was down (a persistent session delivers them at once)."""
@@ -524,6 +529,10 @@ class RoundMachine:
         self._in_round: set[str] = set()
         self._pending: FoldUpdate | None = None
         self._waiting_logged = False
+        self._failed_in_a_row = 0
+        """Rounds abandoned (or aggregated into no model) since the last new version."""
+        self._not_before = -math.inf
+        """No round starts before this time (after failed rounds)."""
         self._idle_rejected: Counter[str] = Counter()
         """Rejections while no round is open: the last record is out, so they go to the next."""
 
@@ -695,10 +704,12 @@ class RoundMachine:
             return self._close_at_deadline(tick.now)
         commands = self._replace(tick)
         if not self.outstanding:
-            commands += self._close_exhausted()
+            commands += self._close_exhausted(tick.now)
         return commands
 
     def _try_start(self, tick: Tick) -> list[Command]:
+        if tick.now < self._not_before:
+            return []  # after failed rounds (see _hold_after_failure)
         k = self.settings.clients_per_round
         need = self.settings.min_devices or k
         cohort = select_cohort(
@@ -779,19 +790,28 @@ class RoundMachine:
         if self.stats.participants >= self.quorum:
             self.state = RoundState.AGGREGATING
             return [*commands, Aggregate(self.round_no, "deadline")]
-        return [*commands, *self._abandon("no quorum at the deadline")]
+        return [*commands, *self._abandon("no quorum at the deadline", now)]
 
-    def _close_exhausted(self) -> list[Command]:
+    def _close_exhausted(self, now: float) -> list[Command]:
         """Nobody is left to wait for and no replacement was found."""
         if self.stats.participants >= self.quorum:
             self.state = RoundState.AGGREGATING
             return [Aggregate(self.round_no, "exhausted")]
-        return self._abandon("every selected device dropped out before quorum")
+        return self._abandon("every selected device dropped out before quorum", now)
 
-    def _abandon(self, reason: str) -> list[Command]:
+    def _abandon(self, reason: str, now: float) -> list[Command]:
         round_no = self._end_round()
         self.state = RoundState.IDLE
+        self._hold_after_failure(now)
         return [AbandonRound(round_no, reason)]
+
+    def _hold_after_failure(self, now: float) -> None:
+        """Space out rounds that keep failing: 1 s after the first, doubling, at most
+        ``deadline_s``. Every device declining at once would otherwise start and abandon a
+        round at every tick, each costing the devices a task and the log two warnings."""
+        self._failed_in_a_row += 1
+        delay = min(self.settings.deadline_s, RETRY_BASE_S * 2.0 ** (self._failed_in_a_row - 1))
+        self._not_before = now + delay
 
     def _known(self, task_id: str) -> bool:
         return any(
@@ -978,6 +998,10 @@ class RoundMachine:
                     f"model version {model_version} does not advance {self.model_version}"
                 )
             self.model_version = model_version
+        if model_version is None:
+            self._hold_after_failure(now)
+        else:
+            self._failed_in_a_row, self._not_before = 0, -math.inf
         if self.settings.mode == "async":
             self.accepted_before |= self.accepted_now
             self.accepted_now = set()
@@ -1022,6 +1046,7 @@ __all__ = [
     "ENVELOPE_REJECTIONS",
     "LOST_TASK",
     "RESTORE_DRAIN_S",
+    "RETRY_BASE_S",
     "TRANSITIONS",
     "AbandonRound",
     "Aggregate",

@@ -281,6 +281,37 @@ def test_everyone_dropped_before_quorum_abandons_at_once() -> None:
     assert isinstance(out[0], AbandonRound)
 
 
+def test_rounds_that_keep_failing_are_spaced_out_until_one_succeeds() -> None:
+    m = machine()  # deadline_s = 10
+    pool = views("a", "b")
+
+    def fail_round(now: float) -> None:
+        sent = tasks(m.handle(Tick(now, pool)))
+        assert sent, f"no round started at {now}"
+        for s in sent:
+            m.handle(DeviceUnavailable(s.task.cid, "declined:model_unavailable", now, True,
+                                       s.task.task_id))  # fmt: skip
+        assert isinstance(m.handle(Tick(now, pool))[-1], AbandonRound)
+
+    fail_round(0.0)
+    assert m.handle(Tick(0.5, pool)) == []  # 1 s after the first failure
+    fail_round(1.0)
+    assert m.handle(Tick(2.9, pool)) == []  # then 2 s
+    fail_round(3.0)
+    gaps = []
+    for _ in range(4):
+        start = m._not_before
+        fail_round(start)
+        gaps.append(m._not_before - start)
+    assert gaps == [8.0, 10.0, 10.0, 10.0]  # doubling, at most deadline_s
+    # A round that makes a model ends the pauses.
+    now = m._not_before
+    for s in tasks(m.handle(Tick(now, pool))):
+        fold(m, s, now=now)
+    m.handle(AggregationDone(1, now))
+    assert tasks(m.handle(Tick(now, pool)))
+
+
 def test_decline_of_another_task_is_ignored() -> None:
     m = machine()
     sent = started(m, views("a", "b"))
