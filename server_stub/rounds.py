@@ -741,11 +741,8 @@ class RoundMachine:
         return commands
 
     def _issue(self, cid: str, view: DeviceView | None, now: float, deadline: float) -> SendTask:
-        task_id = f"r{self.round_no}-{self.task_id_salt}{_token(self.rng)}"
-        while self._known(task_id):  # never reuse an id
-            task_id = f"r{self.round_no}-{self.task_id_salt}{_token(self.rng)}"
         task = IssuedTask(
-            task_id=task_id,
+            task_id=self._new_task_id(),
             cid=cid,
             nonce=_token(self.rng),
             round_no=self.round_no,
@@ -813,11 +810,13 @@ class RoundMachine:
         delay = min(self.settings.deadline_s, RETRY_BASE_S * 2.0 ** (self._failed_in_a_row - 1))
         self._not_before = now + delay
 
-    def _known(self, task_id: str) -> bool:
-        return any(
-            task_id in ids
-            for ids in (self.tasks, self.closed_tasks, self.accepted_before, self.accepted_now)
-        )
+    def _new_task_id(self) -> str:
+        """``r<round>-<salt><token>``, never one issued or counted before."""
+        while True:
+            task_id = f"r{self.round_no}-{self.task_id_salt}{_token(self.rng)}"
+            known = (self.tasks, self.closed_tasks, self.accepted_before, self.accepted_now)
+            if not any(task_id in ids for ids in known):
+                return task_id
 
     def _end_round(self) -> int:
         round_no = self.round_no

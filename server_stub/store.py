@@ -153,8 +153,7 @@ class Store:
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise StoreError(f"state db {self.path} cannot be created ({exc})") from None
-            # Beside the real file: a symlink to a db in use must find the same lock.
-            self._lock_path = f"{os.path.realpath(self.path)}.lock"
+            self._lock_path = _lock_path(self.path)
             lock_is_new = not Path(self._lock_path).exists()
             self._lock = _lock(self._lock_path, self.path)
         try:
@@ -262,8 +261,7 @@ class Store:
                     "INSERT OR REPLACE INTO rounds (round_no, outcome, record) VALUES (?, ?, ?)",
                     (round_no, outcome, json.dumps(dict(record), default=_json_default)),
                 )
-            db.execute("DELETE FROM open_round")
-            db.execute("DELETE FROM folded_updates WHERE round_no <= ?", (round_no,))
+            self._close_open_round(round_no)
             if self.keep_models > 0:
                 cutoff = version - self.keep_models
                 db.execute("DELETE FROM models WHERE version <= ?", (cutoff,))
@@ -284,9 +282,13 @@ class Store:
             "INSERT OR REPLACE INTO rounds (round_no, outcome, record) VALUES (?, ?, ?)",
             (round_no, outcome, json.dumps(dict(record), default=_json_default)),
         )
-        db.execute("DELETE FROM open_round")
-        db.execute("DELETE FROM folded_updates WHERE round_no <= ?", (round_no,))
+        self._close_open_round(round_no)
         db.execute("COMMIT")
+
+    def _close_open_round(self, round_no: int) -> None:
+        """Within a transaction: round ``round_no`` is closed, its open state goes."""
+        self._db.execute("DELETE FROM open_round")
+        self._db.execute("DELETE FROM folded_updates WHERE round_no <= ?", (round_no,))
 
     def save_open_round(self, round_no: int, snapshot: Mapping[str, Any]) -> None:
         """Remember the issued tasks of the round in progress."""
@@ -396,17 +398,26 @@ class Store:
 
 def in_use_by(path: str | Path) -> str | None:
     """The process id (as text) holding the state db ``path``, or None; creates nothing."""
-    lock_path = f"{os.path.realpath(path)}.lock"
     try:
-        lock = open(lock_path, "rb")  # noqa: SIM115 - closed below, which drops the probe lock
+        lock = open(_lock_path(path), "rb")  # noqa: SIM115 - closed below, which drops the probe lock
     except OSError:
         return None  # no lock file: nobody has opened it
     with lock:
         try:
             fcntl.flock(lock.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
-            return lock.read(32).decode("ascii", "replace").strip() or "unknown"
+            return _owner(lock)
     return None
+
+
+def _lock_path(path: str | Path) -> str:
+    """The lock of the db ``path``: beside the real file, so a symlink to it finds it too."""
+    return f"{os.path.realpath(path)}.lock"
+
+
+def _owner(lock: BinaryIO) -> str:
+    """The process id a lock file holds, as text."""
+    return lock.read(32).decode("ascii", "replace").strip() or "unknown"
 
 
 def _lock(lock_path: str, path: str) -> BinaryIO:
@@ -425,7 +436,7 @@ def _lock(lock_path: str, path: str) -> BinaryIO:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         lock.seek(0)
-        owner = lock.read(32).decode("ascii", "replace").strip() or "unknown"
+        owner = _owner(lock)
         lock.close()
         raise StoreInUseError(
             f"state db {path} is in use by another process (pid {owner}, lock {lock_path}): "
