@@ -361,16 +361,18 @@ def busy_port() -> Iterator[int]:
         sock.close()
 
 
+def _with_metrics_port(tmp_path: Path, port: int, broker: str) -> Path:
+    """The example config with ``[metrics] port`` and ``[broker] url`` set."""
+    return edited(
+        tmp_path, "# port = 9100", f"port = {port}", ('url = "mqtt://127.0.0.1:1883"', broker)
+    )
+
+
 def test_metrics_port_in_use_exits_2_naming_the_key(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], dead_broker: str, busy_port: int
 ) -> None:
     # Prepare
-    path = edited(
-        tmp_path,
-        "# port = 9100",
-        f"port = {busy_port}",
-        ('url = "mqtt://127.0.0.1:1883"', dead_broker),
-    )
+    path = _with_metrics_port(tmp_path, busy_port, dead_broker)
     # Execute
     code, err = run_main(path, capsys)
     # Assert: refused before the state db is opened
@@ -384,12 +386,7 @@ def test_second_coordinator_on_one_config_is_told_it_runs_already(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], dead_broker: str, busy_port: int
 ) -> None:
     # Prepare: the same config running already holds the metrics port and the state db
-    path = edited(
-        tmp_path,
-        "# port = 9100",
-        f"port = {busy_port}",
-        ('url = "mqtt://127.0.0.1:1883"', dead_broker),
-    )
+    path = _with_metrics_port(tmp_path, busy_port, dead_broker)
     db = tmp_path / "coordinator.db"
     with Store(db):
         # Execute

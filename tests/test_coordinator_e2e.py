@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -162,20 +162,8 @@ class Device(threading.Thread):
         )
         new = trainer.get_weights()
         delta = {k: new[k] - weights[k] for k in new}
-        specs, payloads = encode_update(delta, task.uplink_codec)
-        update = ModelUpdate(
-            task_id=task.task_id,
-            round_no=task.round_no,
-            model_version=task.model_version,
-            cid=self.cid,
-            num_examples=fit.num_examples,
-            tensors=specs,
-            payloads=payloads,
-            metrics={"loss": fit.loss},
-            nonce=task.nonce,
-        )
-        publish_chunked(
-            self.transport, self.topics.update(self.cid), update.to_bytes(), chunk_size=16 * 1024
+        publish_update(
+            self.transport, self.cid, task, delta, num_examples=fit.num_examples, loss=fit.loss
         )
         self.sent += 1
 
@@ -183,6 +171,34 @@ class Device(threading.Thread):
         self.stop.set()
         self.join(5.0)
         self.transport.close()
+
+
+def publish_update(
+    transport: Transport,
+    cid: str,
+    task: TrainTask,
+    delta: Mapping[str, np.ndarray],
+    *,
+    num_examples: int,
+    loss: float | None = None,
+    key: bytes | None = None,
+    fleet: str = FLEET,
+) -> None:
+    """Publish ``cid``'s update of ``task``, as a device does: ``delta`` encoded with the
+    task's codec, chunked on the device's update topic (signed when ``key`` is given)."""
+    specs, payloads = encode_update(delta, task.uplink_codec)
+    update = ModelUpdate(
+        task_id=task.task_id,
+        round_no=task.round_no,
+        model_version=task.model_version,
+        cid=cid,
+        num_examples=num_examples,
+        tensors=specs,
+        payloads=payloads,
+        metrics={} if loss is None else {"loss": loss},
+        nonce=task.nonce,
+    )
+    publish_chunked(transport, Topics(fleet).update(cid), update.to_bytes(key), chunk_size=16384)
 
 
 def shards(n: int) -> tuple[list[Dataset], Dataset]:

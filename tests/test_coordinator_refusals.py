@@ -9,34 +9,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge.modelio import encode_update
-from edge.transport import InMemoryBroker, InMemoryTransport, publish_chunked
-from edge.wire import ModelUpdate, Status, Topics, TrainTask
+from edge.transport import InMemoryBroker, InMemoryTransport
+from edge.wire import Status, Topics, TrainTask
 from server_stub.config import config_from_dict
 from server_stub.coordinator import Coordinator
 from server_stub.store import Store
-from tests.test_coordinator_e2e import FLEET, make_config, status
+from tests.test_coordinator_e2e import FLEET, make_config, publish_update, status
+from tests.test_coordinator_stop import deliver
 
 NOW = 1_700_000_000.0
 TOPICS = Topics(FLEET)
 _CONFIG = config_from_dict(make_config("mqtt://127.0.0.1:1883", Path("c.db")))
 
 
-def _deliver(coord: Coordinator, transport: InMemoryTransport, now: float) -> None:
-    while (msg := transport.receive(0.0)) is not None:
-        coord.handle_message(msg, now)
-
-
 def _upload_signed(device: InMemoryTransport, task: TrainTask, key: bytes) -> None:
     """pi-00's update for ``task``, signed with ``key``."""
     _layout, weights = _CONFIG.layout_and_weights()
     zeros = {k: np.zeros_like(v) for k, v in weights.items()}
-    specs, payloads = encode_update(zeros, task.uplink_codec)
-    update = ModelUpdate(
-        task_id=task.task_id, round_no=task.round_no, model_version=task.model_version,
-        cid="pi-00", num_examples=50, tensors=specs, payloads=payloads, nonce=task.nonce,
-    )  # fmt: skip
-    publish_chunked(device, TOPICS.update("pi-00"), update.to_bytes(key), chunk_size=4096)
+    publish_update(device, "pi-00", task, zeros, num_examples=50, key=key)
 
 
 def test_device_with_a_wrong_key_is_held_back_until_it_restarts(
@@ -69,7 +59,7 @@ def test_device_with_a_wrong_key_is_held_back_until_it_restarts(
             config, transport, store, layout=layout, initial_weights=weights, clock=lambda: NOW
         )
         coord.start()
-        _deliver(coord, transport, NOW)
+        deliver(coord, transport, NOW)
         # Execute: two rounds, each refused bad_signature.
         for i in range(2):
             coord.tick(NOW + i)
@@ -78,7 +68,7 @@ def test_device_with_a_wrong_key_is_held_back_until_it_restarts(
             tasks.append(task)
             with caplog.at_level(logging.WARNING, logger="server_stub.coordinator"):
                 _upload_signed(device, task, b"\x02" * 32)
-                _deliver(coord, transport, NOW + i)
+                deliver(coord, transport, NOW + i)
         # Assert: held back after the second refusal, with a warning that names the fix.
         assert [r["outcome"] for r in store.rounds()] == ["abandoned", "abandoned"]
         assert store.rounds()[0]["dropped_by_reason"] == {"invalid_update:bad_signature": 1}
@@ -96,7 +86,7 @@ def test_device_with_a_wrong_key_is_held_back_until_it_restarts(
         # ... until its agent restarts (Last Will, then online again), e.g. with a new key.
         device.publish(TOPICS.status("pi-00"), Status.offline_will().to_bytes(), retain=True)
         device.publish(TOPICS.status("pi-00"), status(100).to_bytes(), retain=True)
-        _deliver(coord, transport, NOW + 11)
+        deliver(coord, transport, NOW + 11)
         coord.tick(NOW + 11)
         again = next_task()
         coord.close()

@@ -11,22 +11,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge.modelio import encode_update, unpack_model
-from edge.transport import InMemoryBroker, InMemoryTransport, publish_chunked
-from edge.wire import GlobalModel, ModelUpdate, Status, Topics, TrainTask
+from edge.modelio import unpack_model
+from edge.transport import InMemoryBroker, InMemoryTransport
+from edge.wire import GlobalModel, Status, Topics, TrainTask
 from server_stub.config import config_from_dict
 from server_stub.coordinator import Coordinator
 from server_stub.rounds import RoundState
 from server_stub.store import Store
-from tests.test_coordinator_e2e import FLEET, make_config, status
+from tests.test_coordinator_e2e import FLEET, make_config, publish_update, status
 
 NOW = 1_700_000_000.0
 
 
-def _deliver(coord: Coordinator, transport: InMemoryTransport) -> None:
+def deliver(coord: Coordinator, transport: InMemoryTransport, now: float = NOW) -> None:
     """Hand every message queued for the coordinator to it, as its run loop would."""
     while (msg := transport.receive(0.0)) is not None:
-        coord.handle_message(msg, NOW)
+        coord.handle_message(msg, now)
 
 
 def test_clean_stop_stores_the_acknowledgements_seen_since_the_last_tick(tmp_path: Path) -> None:
@@ -47,14 +47,14 @@ def test_clean_stop_stores_the_acknowledgements_seen_since_the_last_tick(tmp_pat
             config, transport, store, layout=layout, initial_weights=weights, clock=lambda: NOW
         )
         coord.start()
-        _deliver(coord, transport)
+        deliver(coord, transport)
         coord.tick(NOW)  # starts round 1 and sends the task
         msg = device.receive(1.0)
         assert msg is not None
         task = TrainTask.from_bytes(msg.payload)
         training = replace(idle, state="training", task_id=task.task_id)
         device.publish(topics.status("pi-00"), training.to_bytes(), retain=True)
-        _deliver(coord, transport)
+        deliver(coord, transport)
         saved = store.open_round()
         assert saved is not None and saved["acknowledged"] == []  # stored at the next tick
         # Execute: stop before that tick.
@@ -76,19 +76,7 @@ def _upload(
     """Publish ``cid``'s update for ``task``: a pseudo-random delta fixed by ``seed``."""
     rng = np.random.default_rng(seed)
     delta = {k: rng.normal(0.0, 0.01, v.shape).astype(np.float32) for k, v in weights.items()}
-    specs, payloads = encode_update(delta, task.uplink_codec)
-    update = ModelUpdate(
-        task_id=task.task_id,
-        round_no=task.round_no,
-        model_version=task.model_version,
-        cid=cid,
-        num_examples=90 + seed,
-        tensors=specs,
-        payloads=payloads,
-        metrics={"loss": 1.0 + seed},
-        nonce=task.nonce,
-    )
-    publish_chunked(device, Topics(FLEET).update(cid), update.to_bytes(), chunk_size=4096)
+    publish_update(device, cid, task, delta, num_examples=90 + seed, loss=1.0 + seed)
 
 
 def _round_of_two(
@@ -121,7 +109,7 @@ def _round_of_two(
 
     coord, transport = coordinator()
     coord.start()
-    _deliver(coord, transport)
+    deliver(coord, transport)
     coord.tick(NOW)  # round 1 starts: one task each
     tasks: dict[str, TrainTask] = {}
     for cid, dev in devices.items():
@@ -134,7 +122,7 @@ def _round_of_two(
     dev0.publish(topics.status("pi-00"), training.to_bytes(), retain=True)
     _upload(dev0, "pi-00", tasks["pi-00"], weights, seed=0)
     dev0.publish(topics.status("pi-00"), status(100).to_bytes(), retain=True)
-    _deliver(coord, transport)
+    deliver(coord, transport)
     assert coord.machine.stats.participants == 1
     done = threading.Event()
     if restart:

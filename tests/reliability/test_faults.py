@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 
 from edge.chunking import Reassembler
-from edge.modelio import encode_update
 from edge.mqtt_transport import MqttSettings, MqttTransport
 from edge.training import init_weights
 from edge.transport import publish_chunked
@@ -39,6 +38,7 @@ from tests.reliability.harness import (
     evaluator,
     wait_for,
 )
+from tests.test_coordinator_e2e import publish_update
 
 pytestmark = pytest.mark.broker
 
@@ -52,12 +52,7 @@ def _client(broker: MosquittoBroker, client_id: str, **kw: Any) -> MqttTransport
 def _publish_update(transport: MqttTransport, cid: str, task: TrainTask) -> None:
     """Publish a well-formed (zero) update of ``task`` on ``cid``'s topic."""
     zeros = {k: np.zeros_like(v) for k, v in init_weights(SPEC, np.random.default_rng(0)).items()}
-    specs, payloads = encode_update(zeros, task.uplink_codec)
-    update = ModelUpdate(
-        task_id=task.task_id, round_no=task.round_no, model_version=task.model_version,
-        cid=cid, num_examples=10, tensors=specs, payloads=payloads, nonce=task.nonce,
-    )  # fmt: skip
-    publish_chunked(transport, TOPICS.update(cid), update.to_bytes(), chunk_size=64 * 1024)
+    publish_update(transport, cid, task, zeros, num_examples=10, fleet=FLEET)
 
 
 # ------------------------------------------------------------------ transport back-pressure
